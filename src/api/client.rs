@@ -1,0 +1,398 @@
+//! The HTTP client: one `reqwest::Client` (rustls, no redirects, bounded bodies) and the
+//! classification of every answer into an [`Outcome`] the heartbeat loop can act on.
+
+use super::problem::Problem;
+use super::types::TokenResponse;
+use crate::config::ApiConfig;
+use crate::secret::Secret;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Response bodies larger than this are refused: the real answer is a few hundred bytes, and a
+/// hostile or broken server must not make the agent allocate without bound.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// A `Retry-After` above this is treated as this: an hour without a heartbeat is already an
+/// outage, and a typo on the server must not silence the node for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Tokens longer than this are not plausible and would bloat every request.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// `User-Agent` of every request.
+pub fn user_agent() -> String {
+    format!("exalsius-node-agent/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Building the client failed (the CA file, in practice).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `api.ca_file` cannot be read or holds no certificate.
+    #[error("api.ca_file = {path}: {message}")]
+    CaFile { path: PathBuf, message: String },
+    /// reqwest refused the settings.
+    #[error("cannot build HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connect error, timeout, 5xx, 429, or a 2xx whose body is unusable: back off and retry.
+    Retryable,
+    /// 401/403: the token was rejected.
+    Unauthorized,
+    /// 404: the node is not in the pool.
+    NotFound,
+    /// 400/422/3xx and other answers that retrying soon will not change.
+    Rejected,
+    /// 409 (register only): the node exists already.
+    Conflict,
+}
+
+/// A failed attempt, with everything worth logging.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// How to react.
+    pub kind: FailureKind,
+    /// HTTP status, when there was an answer.
+    pub status: Option<u16>,
+    /// One-line reason (status, problem title/detail, or transport error).
+    pub message: String,
+    /// `Retry-After`, when the server sent one.
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(kind: FailureKind, status: Option<u16>, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A successful answer.
+#[derive(Debug, Clone)]
+pub struct Success {
+    /// HTTP status (2xx).
+    pub status: u16,
+    /// Time from sending to the whole body.
+    pub latency: Duration,
+    /// The parsed body.
+    pub body: TokenResponse,
+}
+
+/// The result of one request.
+pub type Outcome = Result<Success, Failure>;
+
+/// The API client shared by heartbeats and `register`.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    /// Builds the client from `[api]`.
+    pub fn new(cfg: &ApiConfig) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(user_agent())
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.connect_timeout)
+            // A redirect could carry the token to another host: never follow one.
+            .redirect(reqwest::redirect::Policy::none())
+            .use_rustls_tls();
+        if let Some(path) = &cfg.ca_file {
+            let ca_err = |message: String| ClientError::CaFile {
+                path: path.clone(),
+                message,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ca_err(format!("not a PEM certificate bundle: {e}")))?;
+            if certs.is_empty() {
+                return Err(ca_err("holds no PEM certificate".to_string()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Self {
+            http: builder.build().map_err(ClientError::Build)?,
+        })
+    }
+
+    /// `PATCH url` with a JSON body and the token.
+    pub async fn patch_node(
+        &self,
+        url: &str,
+        token: &Secret,
+        token_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Outcome {
+        let auth = format!("{} {}", token_type.unwrap_or("Bearer"), token.expose());
+        let Ok(mut auth) = HeaderValue::from_str(&auth) else {
+            return Err(Failure::new(
+                FailureKind::Unauthorized,
+                None,
+                "the access token contains characters that cannot be sent in a header",
+            ));
+        };
+        // Keeps the value out of HPACK tables and out of hyper/h2 debug output.
+        auth.set_sensitive(true);
+        let req = self
+            .http
+            .request(Method::PATCH, url)
+            .header(AUTHORIZATION, auth);
+        self.send(req, body).await
+    }
+
+    /// `POST url` with a JSON body and no token (self-registration).
+    pub async fn post_json(&self, url: &str, body: Vec<u8>) -> Outcome {
+        self.send(self.http.post(url), body).await
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, body: Vec<u8>) -> Outcome {
+        let started = Instant::now();
+        let resp = req
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json, application/problem+json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Failure::new(FailureKind::Retryable, None, transport_error(&e)))?;
+        let status = resp.status();
+        let retry_after = retry_after(resp.headers().get(RETRY_AFTER));
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let code = status.as_u16();
+        let body = read_limited(resp, MAX_BODY_BYTES).await;
+
+        if status.is_success() {
+            let body = body.map_err(|m| {
+                Failure::new(
+                    FailureKind::Retryable,
+                    Some(code),
+                    format!("HTTP {code}: {m}"),
+                )
+            })?;
+            if let Some(ct) = &content_type
+                && !ct.contains("json")
+            {
+                return Err(Failure::new(
+                    FailureKind::Retryable,
+                    Some(code),
+                    format!("HTTP {code} with unexpected content type {ct:?}"),
+                ));
+            }
+            let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+                Failure::new(
+                    FailureKind::Retryable,
+                    Some(code),
+                    format!(
+                        "HTTP {code} with an unreadable body ({} bytes): {e}",
+                        body.len()
+                    ),
+                )
+            })?;
+            if let Some(t) = &parsed.next_access_token
+                && let Some(why) = implausible_token(t)
+            {
+                return Err(Failure::new(
+                    FailureKind::Retryable,
+                    Some(code),
+                    format!("HTTP {code} with an unusable next_access_token: {why}"),
+                ));
+            }
+            return Ok(Success {
+                status: code,
+                latency: started.elapsed(),
+                body: parsed,
+            });
+        }
+
+        let kind = classify(status);
+        let mut message = format!("HTTP {code}");
+        if let Some(reason) = status.canonical_reason() {
+            message.push(' ');
+            message.push_str(reason);
+        }
+        if status.is_redirection() {
+            message.push_str(": redirect not followed");
+            if let Some(loc) = location {
+                message.push_str(&format!(" (Location: {})", truncate(&loc, 200)));
+            }
+        }
+        if let Ok(b) = &body
+            && let Some(problem) = Problem::parse(b)
+        {
+            message.push_str(&format!(": {}", truncate(&problem.to_string(), 500)));
+        }
+        let mut failure = Failure::new(kind, Some(code), message);
+        failure.retry_after = retry_after;
+        Err(failure)
+    }
+}
+
+fn classify(status: StatusCode) -> FailureKind {
+    match status.as_u16() {
+        401 | 403 => FailureKind::Unauthorized,
+        404 => FailureKind::NotFound,
+        409 => FailureKind::Conflict,
+        408 | 429 => FailureKind::Retryable,
+        s if s >= 500 => FailureKind::Retryable,
+        _ => FailureKind::Rejected,
+    }
+}
+
+/// Reads at most `limit` bytes of body; more is an error (and the rest is never read).
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    if let Some(len) = resp.content_length()
+        && len > limit as u64
+    {
+        return Err(format!(
+            "body of {len} bytes exceeds the {limit}-byte limit"
+        ));
+    }
+    let mut buf = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(format!("body exceeds the {limit}-byte limit"));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf),
+            Err(e) => return Err(format!("reading the body failed: {}", transport_error(&e))),
+        }
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`].
+pub fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let s = value?.to_str().ok()?.trim();
+    let d = if let Ok(secs) = s.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let when = httpdate::parse_http_date(s).ok()?;
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+/// Why a token from the server cannot be used, if it cannot.
+fn implausible_token(t: &str) -> Option<&'static str> {
+    if t.is_empty() {
+        Some("empty")
+    } else if t.len() > MAX_TOKEN_LEN {
+        Some("too long")
+    } else if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("contains characters that cannot be sent in a header")
+    } else {
+        None
+    }
+}
+
+/// The error and its causes on one line ("error sending request …: connection refused").
+fn transport_error(e: &reqwest::Error) -> String {
+    let mut msg = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    let mut last = String::new();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if text != last && !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        last = text;
+        source = s.source();
+    }
+    msg
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let v = HeaderValue::from_static("120");
+        assert_eq!(retry_after(Some(&v)), Some(Duration::from_secs(120)));
+        let v = HeaderValue::from_static("999999");
+        assert_eq!(retry_after(Some(&v)), Some(MAX_RETRY_AFTER));
+        let future = SystemTime::now() + Duration::from_secs(90);
+        let v = HeaderValue::from_str(&httpdate::fmt_http_date(future)).unwrap();
+        let d = retry_after(Some(&v)).unwrap();
+        assert!(
+            d > Duration::from_secs(85) && d <= Duration::from_secs(90),
+            "{d:?}"
+        );
+        let past = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(retry_after(Some(&past)), Some(Duration::ZERO));
+        assert_eq!(retry_after(Some(&HeaderValue::from_static("soon"))), None);
+        assert_eq!(retry_after(None), None);
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(
+            classify(StatusCode::UNAUTHORIZED),
+            FailureKind::Unauthorized
+        );
+        assert_eq!(classify(StatusCode::FORBIDDEN), FailureKind::Unauthorized);
+        assert_eq!(classify(StatusCode::NOT_FOUND), FailureKind::NotFound);
+        assert_eq!(
+            classify(StatusCode::TOO_MANY_REQUESTS),
+            FailureKind::Retryable
+        );
+        assert_eq!(classify(StatusCode::BAD_GATEWAY), FailureKind::Retryable);
+        assert_eq!(
+            classify(StatusCode::UNPROCESSABLE_ENTITY),
+            FailureKind::Rejected
+        );
+        assert_eq!(classify(StatusCode::FOUND), FailureKind::Rejected);
+        assert_eq!(classify(StatusCode::BAD_REQUEST), FailureKind::Rejected);
+    }
+
+    #[test]
+    fn token_plausibility() {
+        assert!(implausible_token("abc.DEF-123_~+/=").is_none());
+        assert!(implausible_token("").is_some());
+        assert!(implausible_token("a b").is_some());
+        assert!(implausible_token("a\r\nX-Evil: 1").is_some());
+    }
+}

@@ -1,0 +1,136 @@
+//! The node's specs: one file per source, combined here into the API's `NodeSpecs` plus the
+//! details the `inventory` command shows.
+//!
+//! Collection is blocking (sysfs reads, subprocesses, NVML); the daemon runs it in
+//! `spawn_blocking` under a timeout. Every probe degrades to empty/zero with a warning: the
+//! heartbeat must go out even when a probe fails.
+
+pub mod cpu;
+pub mod gpu;
+pub mod memory;
+pub mod software;
+pub mod storage;
+pub mod system;
+
+use crate::api::{NodeHardware, NodeSoftware, NodeSpecs, NodeSystem};
+use crate::config::GpuMode;
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// Everything collected, for the human and verbose views.
+#[derive(Debug, Clone, Serialize)]
+pub struct Details {
+    /// CPU facts.
+    pub cpu: cpu::CpuInfo,
+    /// Total RAM in bytes.
+    pub memory_bytes: u64,
+    /// Physical disks counted for `storage_gb`.
+    pub disks: Vec<storage::Disk>,
+    /// Bytes counted for `storage_gb` (disks, or the root filesystem as a fallback).
+    pub storage_bytes: u64,
+    /// `disks` or `root-filesystem`.
+    pub storage_source: &'static str,
+    /// GPUs found.
+    pub gpus: Vec<gpu::Gpu>,
+    /// Notes on GPU discovery ("NVML: library not found", …).
+    pub gpu_notes: Vec<String>,
+}
+
+/// One collection: what the API gets and what the operator sees.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inventory {
+    /// The API body parts.
+    pub specs: NodeSpecs,
+    /// Everything else.
+    pub details: Details,
+}
+
+/// A source of inventories. Blocking; implementations must be safe to call from
+/// `spawn_blocking` repeatedly.
+pub trait Collector: Send + Sync + 'static {
+    /// Collects the node's specs now.
+    fn collect(&self) -> Inventory;
+}
+
+/// Reads this host.
+#[derive(Debug, Clone)]
+pub struct HostCollector {
+    root: PathBuf,
+    gpu_mode: GpuMode,
+}
+
+impl HostCollector {
+    /// A collector for the host rooted at `/`.
+    pub fn new(gpu_mode: GpuMode) -> Self {
+        Self {
+            root: PathBuf::from("/"),
+            gpu_mode,
+        }
+    }
+}
+
+impl Collector for HostCollector {
+    fn collect(&self) -> Inventory {
+        let cpu = cpu::collect(&self.root);
+        let memory_bytes = memory::total_bytes();
+        let disks = storage::disks(&self.root);
+        let (storage_bytes, storage_source) = if disks.is_empty() {
+            (storage::root_filesystem_bytes(), "root-filesystem")
+        } else {
+            (disks.iter().map(|d| d.bytes).sum(), "disks")
+        };
+        let gpus: Vec<gpu::Gpu> = Vec::new();
+        let gpu_notes = match self.gpu_mode {
+            GpuMode::Off => vec!["GPU discovery is off (inventory.gpu = \"off\")".to_string()],
+            _ => Vec::new(),
+        };
+        let summary = gpu::summarise(&gpus);
+        let versions =
+            software::run_probes(&[software::DOCKER, software::NVIDIA_SMI, software::AMD_SMI]);
+        let mut versions = versions.into_iter();
+        let mut next = || versions.next().unwrap_or_default();
+        let software = NodeSoftware {
+            docker: next(),
+            nvidia: next(),
+            amd: next(),
+        };
+        let specs = NodeSpecs {
+            hardware: NodeHardware {
+                gpu_count: summary.count,
+                gpu_vendor: summary.vendor,
+                gpu_type: summary.model,
+                gpu_memory: summary.memory_gib,
+                cpu_cores: i32::try_from(cpu.logical).unwrap_or(i32::MAX),
+                memory_gb: memory::gib_rounded(memory_bytes),
+                storage_gb: storage::gb_rounded(storage_bytes),
+            },
+            software,
+            system: NodeSystem {
+                os: system::os_name(&self.root),
+                kernel: system::kernel_release(&self.root),
+            },
+        };
+        Inventory {
+            specs,
+            details: Details {
+                cpu,
+                memory_bytes,
+                disks,
+                storage_bytes,
+                storage_source,
+                gpus,
+                gpu_notes,
+            },
+        }
+    }
+}
+
+/// A collector that always returns the same inventory (benchmarks and fleet simulations).
+#[derive(Debug, Clone)]
+pub struct FixedCollector(pub Inventory);
+
+impl Collector for FixedCollector {
+    fn collect(&self) -> Inventory {
+        self.0.clone()
+    }
+}

@@ -1,0 +1,9 @@
+//! Thin entry point: parse the command line, run the command, map the result to an exit code.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = exalsius_node_agent::cli::Cli::parse();
+    ExitCode::from(exalsius_node_agent::app::main(cli))
+}

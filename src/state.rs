@@ -1,0 +1,380 @@
+//! The state file `{state.dir}/state.json`: current token and the last heartbeat's outcome.
+//!
+//! Written atomically (temp file in the same directory, fsync, rename, fsync of the
+//! directory), mode 0600 in a 0700 directory, so a crash at any moment leaves either the old
+//! or the new file, never a torn one.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// File name inside the state directory.
+pub const STATE_FILE: &str = "state.json";
+/// Only the agent's user may enter the directory.
+const DIR_MODE: u32 = 0o700;
+/// Only the agent's user may read the token.
+const FILE_MODE: u32 = 0o600;
+
+/// A state-file problem, naming the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading, writing, creating or renaming failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a state file we understand.
+    #[error("state file {path} is not valid: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What the agent remembers between runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    /// The node this state belongs to.
+    pub node_id: Uuid,
+    /// The API the token was issued by.
+    pub api_url: String,
+    /// The token to use for the next request.
+    pub access_token: Secret,
+    /// `Bearer` unless the API said otherwise.
+    pub token_type: Option<String>,
+    /// When the token stops being valid, if the API said.
+    pub token_expires_at: Option<SystemTime>,
+    /// SHA-256 of the configured bootstrap token this state descends from; `None` for a node
+    /// that was registered with `register` (no bootstrap token).
+    pub bootstrap_token_sha256: Option<String>,
+    /// Last heartbeat attempt.
+    pub last_attempt_at: Option<SystemTime>,
+    /// Last successful heartbeat.
+    pub last_success_at: Option<SystemTime>,
+    /// Failed attempts since the last success.
+    pub consecutive_failures: u32,
+    /// Why the last attempt failed; `None` when it succeeded.
+    pub last_error: Option<String>,
+}
+
+impl State {
+    /// A fresh state for a node and token.
+    pub fn new(node_id: Uuid, api_url: &str, token: Secret, bootstrap: Option<&Secret>) -> Self {
+        Self {
+            node_id,
+            api_url: api_url.to_string(),
+            access_token: token,
+            token_type: None,
+            token_expires_at: None,
+            bootstrap_token_sha256: bootstrap.map(Secret::sha256_hex),
+            last_attempt_at: None,
+            last_success_at: None,
+            consecutive_failures: 0,
+            last_error: None,
+        }
+    }
+
+    /// True when the token has a known expiry at or before `now`.
+    pub fn token_expired(&self, now: SystemTime) -> bool {
+        self.token_expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// On-disk form: plain strings, RFC 3339 timestamps.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    node_id: Uuid,
+    api_url: String,
+    access_token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bootstrap_token_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_attempt_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_success_at: Option<String>,
+    #[serde(default)]
+    consecutive_failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+}
+
+/// Formats a time as RFC 3339 UTC with seconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn parse_time(s: &Option<String>) -> Option<SystemTime> {
+    s.as_deref()
+        .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
+}
+
+impl From<&State> for StateFile {
+    fn from(s: &State) -> Self {
+        Self {
+            node_id: s.node_id,
+            api_url: s.api_url.clone(),
+            access_token: s.access_token.expose().to_string(),
+            token_type: s.token_type.clone(),
+            token_expires_at: s.token_expires_at.map(rfc3339),
+            bootstrap_token_sha256: s.bootstrap_token_sha256.clone(),
+            last_attempt_at: s.last_attempt_at.map(rfc3339),
+            last_success_at: s.last_success_at.map(rfc3339),
+            consecutive_failures: s.consecutive_failures,
+            last_error: s.last_error.clone(),
+        }
+    }
+}
+
+impl From<StateFile> for State {
+    fn from(f: StateFile) -> Self {
+        Self {
+            node_id: f.node_id,
+            api_url: f.api_url,
+            access_token: Secret::new(f.access_token),
+            token_type: f.token_type,
+            token_expires_at: parse_time(&f.token_expires_at),
+            bootstrap_token_sha256: f.bootstrap_token_sha256,
+            last_attempt_at: parse_time(&f.last_attempt_at),
+            last_success_at: parse_time(&f.last_success_at),
+            consecutive_failures: f.consecutive_failures,
+            last_error: f.last_error,
+        }
+    }
+}
+
+/// Reads and writes `state.json` in one directory.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// A store for `dir`; nothing is touched until used.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Full path of `state.json`.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Loads the state; `Ok(None)` when there is none yet. A state file readable by group or
+    /// others is tightened to 0600 (the returned warnings say so).
+    pub fn load(&self) -> Result<(Option<State>, Vec<String>), StateError> {
+        let path = self.path();
+        let mut warnings = Vec::new();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, warnings)),
+            Err(source) => {
+                return Err(StateError::Io {
+                    action: "cannot read",
+                    path,
+                    source,
+                });
+            }
+        };
+        if let Ok(meta) = fs::metadata(&path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                match fs::set_permissions(&path, fs::Permissions::from_mode(FILE_MODE)) {
+                    Ok(()) => warnings.push(format!(
+                        "state file {} had mode {mode:04o}; tightened to {FILE_MODE:04o}",
+                        path.display()
+                    )),
+                    Err(e) => warnings.push(format!(
+                        "state file {} has mode {mode:04o} and cannot be tightened: {e}",
+                        path.display()
+                    )),
+                }
+            }
+        }
+        let file: StateFile =
+            serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path, source })?;
+        Ok((Some(file.into()), warnings))
+    }
+
+    /// Creates the directory (0700) or tightens an existing one that is open to group/other.
+    /// Returns a warning when it had to tighten.
+    pub fn ensure_dir(&self) -> Result<Option<String>, StateError> {
+        let io = |action, source| StateError::Io {
+            action,
+            path: self.dir.clone(),
+            source,
+        };
+        match fs::metadata(&self.dir) {
+            Ok(meta) if meta.is_dir() => {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    fs::set_permissions(&self.dir, fs::Permissions::from_mode(DIR_MODE))
+                        .map_err(|e| io("cannot tighten permissions of", e))?;
+                    return Ok(Some(format!(
+                        "state directory {} had mode {mode:04o}; tightened to {DIR_MODE:04o}",
+                        self.dir.display()
+                    )));
+                }
+                Ok(None)
+            }
+            Ok(_) => Err(io(
+                "not a directory:",
+                std::io::Error::other("a file is in the way of the state directory"),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(DIR_MODE)
+                    .create(&self.dir)
+                    .map_err(|e| io("cannot create state directory", e))?;
+                Ok(None)
+            }
+            Err(e) => Err(io("cannot access state directory", e)),
+        }
+    }
+
+    /// Writes the state atomically: a 0600 temp file in the same directory, fsync, rename over
+    /// `state.json`, fsync the directory. Creates the directory if it is missing.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        self.ensure_dir()?;
+        let path = self.path();
+        let io = |action, source| StateError::Io {
+            action,
+            path: path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec_pretty(&StateFile::from(state))
+            .map_err(|e| io("cannot serialize", std::io::Error::other(e)))?;
+        // tempfile creates the file with mode 0600 and O_EXCL.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".state.json.")
+            .suffix(".tmp")
+            .tempfile_in(&self.dir)
+            .map_err(|e| io("cannot create temp file for", e))?;
+        tmp.write_all(&body)
+            .and_then(|()| tmp.write_all(b"\n"))
+            .map_err(|e| io("cannot write", e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| io("cannot fsync", e))?;
+        tmp.persist(&path)
+            .map_err(|e| io("cannot rename temp file onto", e.error))?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("cannot fsync directory of", e))?;
+        Ok(())
+    }
+
+    /// Moves an unreadable state file aside (kept for inspection) so a fresh one can be written.
+    pub fn quarantine(&self) -> Option<PathBuf> {
+        let path = self.path();
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}"));
+        fs::rename(&path, &aside).ok().map(|()| aside)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sample() -> State {
+        let mut s = State::new(
+            Uuid::nil(),
+            "https://api.example/v1",
+            Secret::new("tok-1"),
+            Some(&Secret::new("boot")),
+        );
+        s.token_type = Some("Bearer".into());
+        s.token_expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000));
+        s.last_success_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        s.consecutive_failures = 3;
+        s.last_error = Some("HTTP 500".into());
+        s
+    }
+
+    #[test]
+    fn round_trip_with_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path().join("a/b"));
+        assert!(store.load().unwrap().0.is_none());
+        let s = sample();
+        store.save(&s).unwrap();
+        let (back, warnings) = store.load().unwrap();
+        assert_eq!(back.unwrap(), s);
+        assert!(warnings.is_empty());
+        let fmode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        let dmode = fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(fmode, 0o600);
+        assert_eq!(dmode, 0o700);
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(store.dir()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn open_dir_and_file_are_tightened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path().join("s"));
+        store.save(&sample()).unwrap();
+        fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(store.path(), fs::Permissions::from_mode(0o644)).unwrap();
+        let w = store.ensure_dir().unwrap();
+        assert!(w.unwrap().contains("tightened"));
+        let (_, warnings) = store.load().unwrap();
+        assert_eq!(warnings.len(), 1);
+        let fmode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(fmode, 0o600);
+    }
+
+    #[test]
+    fn file_in_the_way_is_an_error_not_a_panic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("s");
+        fs::write(&p, "x").unwrap();
+        let e = StateStore::new(&p).save(&sample()).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn corrupt_file_is_reported_and_quarantined() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path());
+        fs::write(store.path(), "{ not json").unwrap();
+        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
+        let aside = store.quarantine().unwrap();
+        assert!(aside.exists());
+        assert!(store.load().unwrap().0.is_none());
+    }
+
+    #[test]
+    fn expiry() {
+        let mut s = sample();
+        let now = SystemTime::now();
+        s.token_expires_at = Some(now - Duration::from_secs(1));
+        assert!(s.token_expired(now));
+        s.token_expires_at = None;
+        assert!(!s.token_expired(now));
+    }
+}

@@ -1,0 +1,249 @@
+//! The command line as an operator meets it: config errors, usage errors, inventory output.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use support::*;
+
+fn fixtures(kind: &str) -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(kind);
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    assert!(!v.is_empty());
+    v
+}
+
+fn agent_cmd() -> Command {
+    let mut c = Command::new(bin());
+    for v in [
+        "EXALSIUS_AGENT_CONFIG",
+        "EXALSIUS_API_URL",
+        "EXALSIUS_NODE_ID",
+        "EXALSIUS_ACCESS_TOKEN",
+        "EXALSIUS_STATE_DIR",
+        "EXALSIUS_LOG",
+        "RUST_LOG",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// The key each invalid fixture must name.
+fn expected_key(name: &str) -> &'static str {
+    match name {
+        "bad-uuid.toml" => "api.node_id",
+        "jitter-out-of-range.toml" => "heartbeat.jitter",
+        "zero-interval.toml" => "heartbeat.interval",
+        "insecure-http.toml" => "api.url",
+        "unknown-key.toml" => "surprise",
+        "bad-type.toml" => "heartbeat.interval",
+        "syntax.toml" => "syntax.toml:1:",
+        "bad-gpu-mode.toml" => "inventory.gpu",
+        "backoff-order.toml" => "heartbeat.max_backoff",
+        "bad-log-format.toml" => "log.format",
+        other => panic!("no expectation for fixture {other}"),
+    }
+}
+
+#[test]
+fn invalid_configs_exit_78_with_one_clear_line() {
+    for path in fixtures("invalid") {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        for cmd in [
+            &["check-config"][..],
+            &["run"],
+            &["run", "--once"],
+            &["status"],
+        ] {
+            let out = agent_cmd()
+                .arg("--config")
+                .arg(&path)
+                .args(cmd)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{name} {cmd:?}: {stderr}");
+            let lines: Vec<_> = stderr.lines().collect();
+            assert_eq!(lines.len(), 1, "{name} {cmd:?}: one line, got: {stderr}");
+            assert!(stderr.contains(expected_key(&name)), "{name}: {stderr}");
+            assert!(
+                stderr.contains(&path.display().to_string()),
+                "{name} names the file: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn valid_configs_pass_check_config_and_redact_tokens() {
+    for path in fixtures("valid") {
+        let out = agent_cmd()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("[heartbeat]"), "{stdout}");
+        if stdout.contains("access_token =") {
+            assert!(stdout.contains("access_token = \"<redacted>\""), "{stdout}");
+        }
+    }
+}
+
+#[test]
+fn missing_explicit_config_is_78_and_env_overrides_apply() {
+    let out = agent_cmd()
+        .args(["check-config", "--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml not found"));
+
+    let out = agent_cmd()
+        .args(["check-config"])
+        .env("EXALSIUS_AGENT_CONFIG", "/nonexistent/env.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("EXALSIUS_AGENT_CONFIG"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(&cfg, "[api]\nurl = \"https://file.example\"\n").unwrap();
+    let out = agent_cmd()
+        .arg("check-config")
+        .env("EXALSIUS_AGENT_CONFIG", &cfg)
+        .env("EXALSIUS_API_URL", "https://env.example/v1")
+        .env("EXALSIUS_ACCESS_TOKEN", "env-SECRET-token")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("url = \"https://env.example/v1\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("env-SECRET-token"), "{stdout}");
+    // Flags beat the environment.
+    let out = agent_cmd()
+        .args(["check-config", "--api-url", "https://flag.example"])
+        .env("EXALSIUS_AGENT_CONFIG", &cfg)
+        .env("EXALSIUS_API_URL", "https://env.example/v1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("url = \"https://flag.example\""));
+}
+
+#[test]
+fn usage_errors_keep_exit_code_2() {
+    let out = agent_cmd().args(["run", "--bogus"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = agent_cmd().output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = agent_cmd().args(["--version"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    for cmd in ["run", "inventory", "status", "check-config"] {
+        let out = agent_cmd().args([cmd, "--help"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{cmd} --help");
+    }
+}
+
+#[test]
+fn inventory_json_is_exactly_the_patch_body_and_validates() {
+    let out = agent_cmd()
+        .args(["inventory", "--json", "--config", "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_valid("components/requests/node-patch-request.yaml", &body);
+    for part in ["hardware", "software", "system"] {
+        assert!(body.get(part).is_some(), "{part} missing");
+    }
+    let h = &body["hardware"];
+    let nproc = Command::new("nproc").arg("--all").output().unwrap();
+    let nproc: i64 = String::from_utf8_lossy(&nproc.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(h["cpu_cores"], nproc);
+    assert!(h["memory_gb"].as_i64().unwrap() >= 1);
+    let uname = Command::new("uname").arg("-r").output().unwrap();
+    assert_eq!(
+        body["system"]["kernel"],
+        String::from_utf8_lossy(&uname.stdout).trim()
+    );
+}
+
+#[test]
+fn inventory_needs_no_config_and_prints_a_table() {
+    let out = agent_cmd()
+        .arg("inventory")
+        .env("EXALSIUS_AGENT_CONFIG", "/nonexistent/x.toml")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for section in [
+        "SYSTEM",
+        "CPU",
+        "MEMORY",
+        "STORAGE",
+        "GPU",
+        "SOFTWARE",
+        "SENT TO THE API",
+    ] {
+        assert!(stdout.contains(section), "{section}: {stdout}");
+    }
+    let out = agent_cmd()
+        .args(["inventory", "--verbose-json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["details"]["cpu"]["logical"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn the_contract_check_rejects_bodies_the_spec_does_not_allow() {
+    let good = serde_json::json!({
+        "hardware": {"gpu_count": 0, "gpu_vendor": "UNKNOWN", "gpu_type": "UNKNOWN", "gpu_memory": 0,
+                     "cpu_cores": 2, "memory_gb": 4, "storage_gb": 10},
+        "software": {"docker": "", "nvidia": "", "amd": ""},
+        "system": {"os": "Linux", "kernel": "6.1"}
+    });
+    assert_valid("components/requests/node-patch-request.yaml", &good);
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("system");
+    let mut extra = good.clone();
+    extra["hardware"]["gpu_mem"] = 80.into();
+    let mut wrong_type = good.clone();
+    wrong_type["hardware"]["cpu_cores"] = "2".into();
+    let mut too_big = good.clone();
+    too_big["hardware"]["storage_gb"] = (i64::from(i32::MAX) + 1).into();
+    for bad in [missing, extra, wrong_type, too_big] {
+        let r = std::panic::catch_unwind(|| {
+            assert_valid("components/requests/node-patch-request.yaml", &bad)
+        });
+        assert!(r.is_err(), "accepted {bad}");
+    }
+}

@@ -1,0 +1,524 @@
+//! Test support: a stand-in for the exalsius API on loopback (wiremock with a stateful
+//! responder that issues and checks rotating tokens), a runner for the real binary, and the
+//! contract check against the shared OpenAPI spec.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers};
+
+pub const NODE_ID: &str = "0d9c2f4e-8a51-4c1b-9e62-3f7a1b2c4d5e";
+pub const BOOT: &str = "boot-token-SECRET-0001";
+
+/// One request as the stand-in saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub auth: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Status the stand-in answered with.
+    pub status: u16,
+}
+
+/// A scripted answer that overrides the normal behaviour for one request.
+#[derive(Debug, Clone)]
+pub enum Scripted {
+    Status(u16),
+    StatusWithHeader(u16, &'static str, String),
+    Body(u16, &'static str, Vec<u8>),
+    Delay(Duration),
+}
+
+#[derive(Debug, Default)]
+pub struct ApiState {
+    /// Tokens the API accepts right now.
+    pub accepted: Vec<String>,
+    /// Every token issued, in order.
+    pub issued: Vec<String>,
+    pub seen: Vec<Seen>,
+    pub script: VecDeque<Scripted>,
+    /// `next_access_token_expires_in` of issued tokens.
+    pub expires_in: Option<i64>,
+    /// Node ids the pool knows.
+    pub nodes: Vec<String>,
+    /// Answer every request with this status (after the script).
+    pub always: Option<u16>,
+}
+
+#[derive(Clone)]
+pub struct StandIn {
+    pub server: Arc<MockServer>,
+    pub state: Arc<Mutex<ApiState>>,
+}
+
+struct Responder(Arc<Mutex<ApiState>>);
+
+fn problem(status: u16, title: &str, detail: &str) -> ResponseTemplate {
+    let body = serde_json::json!({"detail": {
+        "type": "https://api.exalsius.ai/errors/x", "title": title, "status": status,
+        "detail": detail, "instance": "/node"}});
+    ResponseTemplate::new(status).set_body_raw(body.to_string(), "application/problem+json")
+}
+
+impl Respond for Responder {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let mut st = self.0.lock().unwrap();
+        let auth = req
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let headers = req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let mut seen = Seen {
+            at: Instant::now(),
+            method: req.method.to_string(),
+            path: req.url.path().to_string(),
+            auth: auth.clone(),
+            headers,
+            body: req.body.clone(),
+            status: 0,
+        };
+        let template = if let Some(s) = st.script.pop_front() {
+            match s {
+                Scripted::Status(code) => {
+                    seen.status = code;
+                    problem(code, "Scripted", &format!("scripted {code}"))
+                }
+                Scripted::StatusWithHeader(code, k, v) => {
+                    seen.status = code;
+                    problem(code, "Scripted", "scripted").insert_header(k, v.as_str())
+                }
+                Scripted::Body(code, mime, body) => {
+                    seen.status = code;
+                    ResponseTemplate::new(code).set_body_raw(body, mime)
+                }
+                Scripted::Delay(d) => {
+                    seen.status = 200;
+                    ResponseTemplate::new(200).set_delay(d)
+                }
+            }
+        } else if let Some(code) = st.always {
+            seen.status = code;
+            problem(code, "Always", "always failing")
+        } else {
+            let node = req.url.path().rsplit('/').next().unwrap_or("").to_string();
+            let token = auth
+                .as_deref()
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !st.nodes.contains(&node) {
+                seen.status = 404;
+                problem(
+                    404,
+                    "Not Found",
+                    &format!("The node with ID {node} was not found."),
+                )
+            } else if !st.accepted.iter().any(|t| t == token) {
+                seen.status = 401;
+                problem(401, "Unauthorized", "The token is invalid or expired.")
+            } else {
+                let n = st.issued.len() + 1;
+                let next = format!("rotated-SECRET-{n:05}");
+                st.issued.push(next.clone());
+                // The API accepts the newest token and the one before it (a crash between
+                // issue and persist leaves the agent with the older one).
+                let prev = st.issued.len().checked_sub(2).map(|i| st.issued[i].clone());
+                st.accepted = prev.into_iter().chain([next.clone()]).collect();
+                let mut body = serde_json::json!({
+                    "node_id": node,
+                    "next_access_token": next,
+                    "next_access_token_type": "Bearer",
+                });
+                if let Some(e) = st.expires_in {
+                    body["next_access_token_expires_in"] = e.into();
+                }
+                seen.status = 200;
+                ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
+            }
+        };
+        st.seen.push(seen);
+        template
+    }
+}
+
+impl StandIn {
+    pub async fn start() -> Self {
+        Self::start_on(None).await
+    }
+
+    /// Starts on a given listener (to come up on a port the agent already tries).
+    pub async fn start_on(listener: Option<std::net::TcpListener>) -> Self {
+        let builder = MockServer::builder();
+        let builder = match listener {
+            Some(l) => builder.listener(l),
+            None => builder,
+        };
+        let server = builder.start().await;
+        let state = Arc::new(Mutex::new(ApiState {
+            accepted: vec![BOOT.to_string()],
+            nodes: vec![NODE_ID.to_string()],
+            ..Default::default()
+        }));
+        Mock::given(matchers::any())
+            .respond_with(Responder(state.clone()))
+            .mount(&server)
+            .await;
+        Self {
+            server: Arc::new(server),
+            state,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/v1", self.server.uri())
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().seen.len()
+    }
+
+    pub fn issued(&self) -> Vec<String> {
+        self.state.lock().unwrap().issued.clone()
+    }
+
+    pub fn script(&self, items: impl IntoIterator<Item = Scripted>) {
+        self.state.lock().unwrap().script.extend(items);
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut ApiState) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    /// Waits until at least `n` requests arrived.
+    pub async fn wait_requests(&self, n: usize, within: Duration) -> Vec<Seen> {
+        let deadline = Instant::now() + within;
+        loop {
+            let seen = self.seen();
+            if seen.len() >= n {
+                return seen;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "expected {n} requests within {within:?}, got {}: {seen:#?}",
+                    seen.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The binary under test, with a config file, state dir and captured output in a temp dir.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_exalsius-node-agent")
+}
+
+/// A config pointing at `url` with fast test timings; `extra` is appended (TOML).
+pub fn config_text(url: &str, extra: &str) -> String {
+    format!(
+        "[api]\nurl = \"{url}\"\nnode_id = \"{NODE_ID}\"\naccess_token = \"{BOOT}\"\ntimeout = \"2s\"\nconnect_timeout = \"500ms\"\n\n\
+         [heartbeat]\ninterval = \"100ms\"\njitter = 0.0\ninitial_backoff = \"50ms\"\nmax_backoff = \"400ms\"\n\n\
+         [inventory]\ngpu = \"off\"\n\n[log]\nlevel = \"debug\"\n\n{extra}"
+    )
+}
+
+impl Agent {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir().join("state.json")
+    }
+
+    pub fn write_config(&self, text: &str) {
+        let text = if text.contains("[state]") {
+            text.to_string()
+        } else {
+            format!(
+                "{text}\n[state]\ndir = \"{}\"\n",
+                self.state_dir().display()
+            )
+        };
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--config").arg(self.config_path()).args(args);
+        for v in [
+            "EXALSIUS_AGENT_CONFIG",
+            "EXALSIUS_API_URL",
+            "EXALSIUS_NODE_ID",
+            "EXALSIUS_ACCESS_TOKEN",
+            "EXALSIUS_STATE_DIR",
+            "EXALSIUS_LOG",
+            "RUST_LOG",
+            "NOTIFY_SOCKET",
+            "JOURNAL_STREAM",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            c.env_remove(v);
+        }
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Starts `run` (plus args) in the background, output going to files.
+    pub fn spawn(&mut self, args: &[&str]) {
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        let out = std::fs::File::create(self.dir.path().join(format!("stdout.{n}"))).unwrap();
+        let err = std::fs::File::create(self.dir.path().join(format!("stderr.{n}"))).unwrap();
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        let child = self
+            .command(&all)
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Runs a command to completion.
+    pub fn output(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs a command with extra environment.
+    pub fn output_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut c = self.command(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits for the process to exit; panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return (st, started.elapsed());
+            }
+            if started.elapsed() > within {
+                let _ = child.kill();
+                panic!(
+                    "agent did not exit within {within:?}\n{}",
+                    self.all_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status and how long the stop took.
+    pub fn stop(&mut self) -> (ExitStatus, Duration) {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(5))
+    }
+
+    /// Everything the agent wrote so far (all runs), stdout and stderr.
+    pub fn all_output(&self) -> String {
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_string_lossy().to_string();
+                n.starts_with("stdout.") || n.starts_with("stderr.")
+            })
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn stdout_of_last_run(&self) -> String {
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("stdout.")
+            })
+            .collect();
+        names.sort_by_key(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .and_then(|e| e.parse::<u32>().ok())
+        });
+        std::fs::read_to_string(names.last().unwrap()).unwrap()
+    }
+
+    pub fn state_json(&self) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(self.state_file()).unwrap()).unwrap()
+    }
+
+    /// Waits until the combined output contains `needle`.
+    pub async fn wait_output(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.all_output().contains(needle) {
+            if Instant::now() > deadline {
+                panic!("output never contained {needle:?}:\n{}", self.all_output());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contract: the shared OpenAPI spec.
+
+/// `../shared/exalsius-api/openapi` beside the repository (or `$EXALSIUS_API_SPEC`).
+pub fn spec_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("EXALSIUS_API_SPEC") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/exalsius-api/openapi")
+}
+
+fn load_yaml(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read the OpenAPI spec file {} ({e}); the contract tests need ../shared/exalsius-api",
+            path.display()
+        )
+    });
+    let y: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    serde_json::to_value(y).unwrap()
+}
+
+/// Inlines every relative `$ref` and forbids properties the spec does not define, so a body
+/// with a misspelt or invented field fails.
+fn resolve(v: serde_json::Value, base: &Path) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::String(r)) = map.get("$ref") {
+                let path = base.join(r);
+                let loaded = load_yaml(&path);
+                return resolve(loaded, path.parent().unwrap());
+            }
+            let mut out = serde_json::Map::new();
+            for (k, v) in map {
+                // OpenAPI annotations that are not JSON Schema keywords.
+                if k == "example" || k == "examples" {
+                    continue;
+                }
+                out.insert(k, resolve(v, base));
+            }
+            if out.get("type") == Some(&Value::String("object".into()))
+                && out.contains_key("properties")
+            {
+                out.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(|x| resolve(x, base)).collect()),
+        other => other,
+    }
+}
+
+/// The JSON Schema of a component file, e.g. `components/requests/node-patch-request.yaml`.
+pub fn schema(rel: &str) -> serde_json::Value {
+    let path = spec_dir().join(rel);
+    let v = load_yaml(&path);
+    resolve(v, path.parent().unwrap())
+}
+
+/// Asserts `body` validates against the schema in `rel`, with int32 bounds checked too.
+pub fn assert_valid(rel: &str, body: &serde_json::Value) {
+    let schema = schema(rel);
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{rel} rejects {body}: {errors:#?}");
+    check_int32(&schema, body);
+}
+
+fn check_int32(schema: &serde_json::Value, v: &serde_json::Value) {
+    if schema.get("format").and_then(|f| f.as_str()) == Some("int32") {
+        let n = v.as_i64().expect("int32 field is an integer");
+        assert!(i32::try_from(n).is_ok(), "{n} does not fit int32");
+    }
+    if let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(|p| p.as_object()),
+        v.as_object(),
+    ) {
+        for (k, s) in props {
+            if let Some(x) = obj.get(k) {
+                check_int32(s, x);
+            }
+        }
+    }
+}
