@@ -70,7 +70,10 @@ fn run(overrides: &Overrides, args: &RunArgs) -> u8 {
             crate::config::DEFAULT_CONFIG_PATH
         ),
     }
-    let collector: Arc<dyn Collector> = Arc::new(HostCollector::new(cfg.inventory.gpu));
+    let collector: Arc<dyn Collector> = Arc::new(HostCollector::new(
+        cfg.inventory.gpu,
+        cfg.inventory.nvml_library.as_deref(),
+    ));
     let reload_overrides = overrides.clone();
     let result = runtime.block_on(async move {
         let (shutdown, reload) = crate::shutdown::install();
@@ -97,7 +100,7 @@ fn run(overrides: &Overrides, args: &RunArgs) -> u8 {
 fn inventory(overrides: &Overrides, args: &InventoryArgs) -> u8 {
     // Works without a config; a broken one is reported but does not stop a diagnostic tool.
     let cfg = Config::load(overrides, &process_env);
-    let (level, gpu_mode, description) = match &cfg {
+    let (level, gpu_mode, description, nvml_library) = match &cfg {
         Ok(c) => (
             if overrides.log_level.is_some() || process_env(crate::config::ENV_LOG).is_some() {
                 c.log.level.clone()
@@ -106,15 +109,16 @@ fn inventory(overrides: &Overrides, args: &InventoryArgs) -> u8 {
             },
             c.inventory.gpu,
             c.inventory.description.clone(),
+            c.inventory.nvml_library.clone(),
         ),
         Err(e) => {
             eprintln!("exalsius-node-agent: ignoring the configuration: {e}");
-            ("warn".to_string(), Default::default(), None)
+            ("warn".to_string(), Default::default(), None, None)
         }
     };
     crate::logging::init(&level, Default::default());
     let gpu_mode = args.gpu.map_or(gpu_mode, Into::into);
-    let inv = HostCollector::new(gpu_mode).collect();
+    let inv = HostCollector::new(gpu_mode, nvml_library.as_deref()).collect();
     let mut out = std::io::stdout().lock();
     let text = if args.json {
         serde_json::to_string_pretty(&crate::api::NodePatchRequest::new(

@@ -15,7 +15,7 @@ pub mod system;
 use crate::api::{NodeHardware, NodeSoftware, NodeSpecs, NodeSystem};
 use crate::config::GpuMode;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything collected, for the human and verbose views.
 #[derive(Debug, Clone, Serialize)]
@@ -52,25 +52,50 @@ pub trait Collector: Send + Sync + 'static {
     fn collect(&self) -> Inventory;
 }
 
-/// Reads this host.
-#[derive(Debug, Clone)]
+/// Reads this host (or a fixture tree standing in for it).
+#[derive(Debug)]
 pub struct HostCollector {
     root: PathBuf,
-    gpu_mode: GpuMode,
+    gpu: gpu::GpuProbe,
 }
 
 impl HostCollector {
     /// A collector for the host rooted at `/`.
-    pub fn new(gpu_mode: GpuMode) -> Self {
+    pub fn new(gpu_mode: GpuMode, nvml_library: Option<&Path>) -> Self {
+        Self::with_root(Path::new("/"), gpu_mode, nvml_library)
+    }
+
+    /// A collector reading `/proc`, `/sys` and `/etc` below `root` (fixture trees in tests).
+    /// Memory and the root-filesystem fallback still come from the running host.
+    pub fn with_root(root: &Path, gpu_mode: GpuMode, nvml_library: Option<&Path>) -> Self {
         Self {
-            root: PathBuf::from("/"),
-            gpu_mode,
+            root: root.to_path_buf(),
+            gpu: gpu::GpuProbe::new(gpu_mode, root, nvml_library),
         }
     }
 }
 
 impl Collector for HostCollector {
     fn collect(&self) -> Inventory {
+        // Version commands run beside GPU discovery: the total is the slower of the two.
+        let (gpu_report, versions) = std::thread::scope(|scope| {
+            let versions =
+                scope.spawn(|| software::run_probes(&[software::DOCKER, software::AMD_SMI]));
+            let report = self.gpu.collect();
+            let versions = versions.join().unwrap_or_default();
+            (report, versions)
+        });
+        let mut versions = versions.into_iter();
+        let docker = versions.next().unwrap_or_default();
+        let amd = versions.next().unwrap_or_default();
+        let nvidia = match &gpu_report.nvidia_version {
+            Some(v) => v.clone(),
+            // No NVML: nvidia-smi may still be there (and is skipped at once when it is not).
+            None => software::run_probes(&[software::NVIDIA_SMI])
+                .pop()
+                .unwrap_or_default(),
+        };
+
         let cpu = cpu::collect(&self.root);
         let memory_bytes = memory::total_bytes();
         let disks = storage::disks(&self.root);
@@ -79,21 +104,7 @@ impl Collector for HostCollector {
         } else {
             (disks.iter().map(|d| d.bytes).sum(), "disks")
         };
-        let gpus: Vec<gpu::Gpu> = Vec::new();
-        let gpu_notes = match self.gpu_mode {
-            GpuMode::Off => vec!["GPU discovery is off (inventory.gpu = \"off\")".to_string()],
-            _ => Vec::new(),
-        };
-        let summary = gpu::summarise(&gpus);
-        let versions =
-            software::run_probes(&[software::DOCKER, software::NVIDIA_SMI, software::AMD_SMI]);
-        let mut versions = versions.into_iter();
-        let mut next = || versions.next().unwrap_or_default();
-        let software = NodeSoftware {
-            docker: next(),
-            nvidia: next(),
-            amd: next(),
-        };
+        let summary = gpu::summarise(&gpu_report.gpus);
         let specs = NodeSpecs {
             hardware: NodeHardware {
                 gpu_count: summary.count,
@@ -104,7 +115,11 @@ impl Collector for HostCollector {
                 memory_gb: memory::gib_rounded(memory_bytes),
                 storage_gb: storage::gb_rounded(storage_bytes),
             },
-            software,
+            software: NodeSoftware {
+                docker,
+                nvidia,
+                amd,
+            },
             system: NodeSystem {
                 os: system::os_name(&self.root),
                 kernel: system::kernel_release(&self.root),
@@ -118,8 +133,8 @@ impl Collector for HostCollector {
                 disks,
                 storage_bytes,
                 storage_source,
-                gpus,
-                gpu_notes,
+                gpus: gpu_report.gpus,
+                gpu_notes: gpu_report.notes,
             },
         }
     }

@@ -522,3 +522,38 @@ fn check_int32(schema: &serde_json::Value, v: &serde_json::Value) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The stub NVML.
+
+/// Compiles `tests/support/fake_nvml.c` into `dir/libnvidia-ml.so.1` with the machine's C
+/// compiler and writes its config (`fake_nvml.conf`, beside it).
+pub fn build_fake_nvml(dir: &Path, conf: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_nvml.c");
+    let lib = dir.join("libnvidia-ml.so.1");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let out = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc}: {e}"));
+    assert!(
+        out.status.success(),
+        "compiling fake_nvml.c failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    set_fake_nvml(dir, conf);
+    lib
+}
+
+/// Rewrites the stub's behaviour (read again on every init and device count).
+pub fn set_fake_nvml(dir: &Path, conf: &str) {
+    std::fs::write(dir.join("fake_nvml.conf"), conf).unwrap();
+}
+
+pub fn fixture_host(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hosts")
+        .join(name)
+}

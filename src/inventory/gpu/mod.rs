@@ -1,6 +1,14 @@
-//! GPUs: what was found, and how a list of GPUs becomes the API's four GPU fields.
+//! GPUs: discovery (NVML first, then the PCI bus for what NVML did not cover), and how a list
+//! of GPUs becomes the API's four GPU fields.
 
+pub mod nvml;
+pub mod pci;
+
+use crate::config::GpuMode;
+use nvml::{NVML_TIMEOUT, NvmlData, NvmlOutcome, NvmlProbe};
 use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// GPU vendors the API knows (`GpuTypeInfo.gpu_vendor`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -95,6 +103,144 @@ pub fn summarise(gpus: &[Gpu]) -> GpuSummary {
             memory_gib: g.memory_bytes.map_or(0, super::memory::gib_rounded),
             mixed: models.len() > 1,
         },
+    }
+}
+
+/// What one GPU discovery found.
+#[derive(Debug, Clone, Default)]
+pub struct GpuReport {
+    /// All GPUs, re-indexed in report order.
+    pub gpus: Vec<Gpu>,
+    /// Human-readable notes (why NVML was not used, unknown memory, …).
+    pub notes: Vec<String>,
+    /// `software.nvidia` from NVML, when NVML answered (now or last time).
+    pub nvidia_version: Option<String>,
+}
+
+/// GPU discovery with memory between refreshes: the kept NVML handle, the last good NVML
+/// answer (sent again while NVML hangs), and the last list (to notice GPUs that vanish).
+#[derive(Debug)]
+pub struct GpuProbe {
+    mode: GpuMode,
+    root: PathBuf,
+    nvml: NvmlProbe,
+    last_nvml: Mutex<Option<NvmlData>>,
+    last_seen: Mutex<Option<Vec<Gpu>>>,
+}
+
+impl GpuProbe {
+    /// A probe for `mode`, reading PCI under `root` and loading NVML from `nvml_library`.
+    pub fn new(mode: GpuMode, root: &Path, nvml_library: Option<&Path>) -> Self {
+        Self {
+            mode,
+            root: root.to_path_buf(),
+            nvml: NvmlProbe::new(nvml_library),
+            last_nvml: Mutex::new(None),
+            last_seen: Mutex::new(None),
+        }
+    }
+
+    /// Discovers GPUs now. Blocking (NVML waits at most [`NVML_TIMEOUT`]).
+    pub fn collect(&self) -> GpuReport {
+        let mut report = GpuReport::default();
+        if self.mode == GpuMode::Off {
+            report
+                .notes
+                .push("GPU discovery is off (inventory.gpu = \"off\")".to_string());
+            return report;
+        }
+        if matches!(self.mode, GpuMode::Auto | GpuMode::Nvml) {
+            match self.nvml.query(NVML_TIMEOUT) {
+                NvmlOutcome::Data(data) => {
+                    report.nvidia_version = data.version_text();
+                    report.gpus = data.gpus.clone();
+                    if let Ok(mut last) = self.last_nvml.lock() {
+                        *last = Some(data);
+                    }
+                }
+                NvmlOutcome::NoLibrary(why) => {
+                    if self.nvml.first_missing() {
+                        tracing::info!(
+                            "NVML is not available ({why}); no NVIDIA driver on this host?"
+                        );
+                    }
+                    report.notes.push(format!("NVML: {why}"));
+                }
+                NvmlOutcome::Failed(why) => {
+                    tracing::warn!("{why}; will retry at the next inventory refresh");
+                    report.notes.push(format!("NVML: {why}"));
+                }
+                outcome @ (NvmlOutcome::TimedOut | NvmlOutcome::Busy) => {
+                    let what = if outcome == NvmlOutcome::TimedOut {
+                        format!("NVML did not answer within {NVML_TIMEOUT:?}")
+                    } else {
+                        "an earlier NVML query is still stuck".to_string()
+                    };
+                    let last = self.last_nvml.lock().ok().and_then(|l| l.clone());
+                    match last {
+                        Some(data) => {
+                            tracing::warn!("{what}; reporting the last good GPU data");
+                            report.nvidia_version = data.version_text();
+                            report.gpus = data.gpus;
+                            report.notes.push(format!("{what}: last good NVML data"));
+                        }
+                        None => {
+                            tracing::warn!("{what}; no earlier NVML data, using the PCI scan");
+                            report.notes.push(format!("{what}: PCI scan used"));
+                        }
+                    }
+                }
+            }
+        }
+        // auto: the PCI scan adds what NVML did not cover (AMD, Intel, NVIDIA without driver).
+        if matches!(self.mode, GpuMode::Auto | GpuMode::Pci) {
+            let (pci_gpus, notes) = pci::scan(&self.root);
+            report.notes.extend(notes);
+            for g in pci_gpus {
+                if !report.gpus.iter().any(|n| n.bus_id == g.bus_id) {
+                    report.gpus.push(g);
+                }
+            }
+        }
+        for (i, g) in report.gpus.iter_mut().enumerate() {
+            g.index = u32::try_from(i).unwrap_or(u32::MAX);
+        }
+        self.compare_with_last(&report.gpus);
+        let summary = summarise(&report.gpus);
+        if summary.mixed {
+            let models: Vec<&str> = report.gpus.iter().map(|g| g.name.as_str()).collect();
+            tracing::warn!(
+                "mixed GPU models ({}); reporting the most common: {}",
+                models.join(", "),
+                summary.model
+            );
+        }
+        report
+    }
+
+    /// Warns about GPUs that were there at the last refresh and are gone now.
+    fn compare_with_last(&self, now: &[Gpu]) {
+        let Ok(mut last) = self.last_seen.lock() else {
+            return;
+        };
+        if let Some(before) = last.as_ref() {
+            for g in before {
+                let still_there = now.iter().any(|n| match (&g.uuid, &n.uuid) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => n.bus_id == g.bus_id,
+                });
+                if !still_there {
+                    tracing::warn!(
+                        uuid = g.uuid.as_deref().unwrap_or("-"),
+                        bus_id = %g.bus_id,
+                        "GPU {} ({}) is gone since the last refresh (fallen off the bus?)",
+                        g.index,
+                        g.name
+                    );
+                }
+            }
+        }
+        *last = Some(now.to_vec());
     }
 }
 

@@ -1,0 +1,212 @@
+//! NVIDIA GPUs through NVML (`nvml-wrapper`, loading `libnvidia-ml.so.1` at run time).
+//!
+//! NVML is initialised once and the handle kept (init costs tens of milliseconds with a real
+//! driver). Every query runs on its own thread and is waited for at most [`NVML_TIMEOUT`]:
+//! NVML can block for minutes on a faulted GPU, and the heartbeat must not wait for it. A
+//! query still stuck holds the handle's lock, so later queries answer `Busy` at once instead
+//! of piling up threads. A failed init (driver not loaded, library/driver version mismatch
+//! after an upgrade without reboot) is retried at the next inventory refresh.
+
+use super::pci::normalize_bus_id;
+use super::{Gpu, Vendor};
+use nvml_wrapper::Nvml;
+use nvml_wrapper::error::NvmlError;
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Duration;
+
+/// Longest wait for one NVML query (all GPUs). A healthy 8-GPU node answers in milliseconds.
+pub const NVML_TIMEOUT: Duration = Duration::from_secs(5);
+/// The library name the NVIDIA driver installs on the loader path.
+pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
+
+/// What NVML said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvmlData {
+    /// GPUs, in NVML index order.
+    pub gpus: Vec<Gpu>,
+    /// Driver version, e.g. `550.54.15`.
+    pub driver: Option<String>,
+    /// CUDA driver API version, e.g. `12.4`.
+    pub cuda: Option<String>,
+}
+
+impl NvmlData {
+    /// `software.nvidia` from NVML.
+    pub fn version_text(&self) -> Option<String> {
+        let driver = self.driver.as_ref()?;
+        Some(match &self.cuda {
+            Some(c) => format!("DRIVER version: {driver}\nCUDA Version: {c}"),
+            None => format!("DRIVER version: {driver}"),
+        })
+    }
+}
+
+/// The result of one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NvmlOutcome {
+    /// NVML answered.
+    Data(NvmlData),
+    /// No NVML library on this host (normal without NVIDIA drivers).
+    NoLibrary(String),
+    /// The library is there but NVML failed (driver not loaded, version mismatch, …).
+    Failed(String),
+    /// The query did not finish within the timeout.
+    TimedOut,
+    /// An earlier query is still stuck inside NVML.
+    Busy,
+}
+
+/// A kept NVML handle and the path to load it from.
+#[derive(Debug)]
+pub struct NvmlProbe {
+    library: OsString,
+    handle: Arc<Mutex<Option<Nvml>>>,
+    missing_reported: AtomicBool,
+}
+
+impl NvmlProbe {
+    /// A probe loading `library` (default [`DEFAULT_LIBRARY`]); nothing is loaded yet.
+    pub fn new(library: Option<&std::path::Path>) -> Self {
+        Self {
+            library: library.map_or_else(|| OsString::from(DEFAULT_LIBRARY), |p| p.into()),
+            handle: Arc::new(Mutex::new(None)),
+            missing_reported: AtomicBool::new(false),
+        }
+    }
+
+    /// True the first time the library is found missing (to log it once, at info).
+    pub fn first_missing(&self) -> bool {
+        !self.missing_reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// Queries all GPUs, waiting at most `timeout`.
+    pub fn query(&self, timeout: Duration) -> NvmlOutcome {
+        let handle = Arc::clone(&self.handle);
+        let library = self.library.clone();
+        let (tx, rx) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("nvml".into())
+            .spawn(move || {
+                let _ = tx.send(query_locked(&handle, &library));
+            });
+        if let Err(e) = spawned {
+            return NvmlOutcome::Failed(format!("cannot start the NVML thread: {e}"));
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(outcome) => outcome,
+            Err(mpsc::RecvTimeoutError::Timeout) => NvmlOutcome::TimedOut,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                NvmlOutcome::Failed("the NVML thread ended without an answer".into())
+            }
+        }
+    }
+}
+
+fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome {
+    let mut guard = match handle.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::WouldBlock) => return NvmlOutcome::Busy,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+    };
+    if guard.is_none() {
+        match Nvml::builder().lib_path(library).init() {
+            Ok(n) => *guard = Some(n),
+            Err(NvmlError::LibloadingError(e)) => {
+                return NvmlOutcome::NoLibrary(format!(
+                    "{} not loadable: {e}",
+                    library.to_string_lossy()
+                ));
+            }
+            Err(e) => return NvmlOutcome::Failed(format!("NVML init failed: {e}")),
+        }
+    }
+    let Some(nvml) = guard.as_ref() else {
+        return NvmlOutcome::Failed("NVML handle missing".into());
+    };
+    match read(nvml) {
+        Ok(data) => NvmlOutcome::Data(data),
+        Err(e) => {
+            // Re-initialise next time: the driver may have been reloaded or upgraded.
+            *guard = None;
+            NvmlOutcome::Failed(format!("NVML query failed: {e}"))
+        }
+    }
+}
+
+fn cuda_text(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
+    let count = nvml.device_count()?;
+    let mut gpus = Vec::new();
+    for i in 0..count {
+        let device = match nvml.device_by_index(i) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(index = i, "NVML cannot open GPU {i}: {e}; not counted");
+                continue;
+            }
+        };
+        let name = match device.name() {
+            Ok(n) => n,
+            Err(NvmlError::GpuLost) => {
+                tracing::warn!(index = i, "GPU {i} has fallen off the bus; not counted");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(index = i, "NVML cannot name GPU {i}: {e}");
+                "NVIDIA GPU".to_string()
+            }
+        };
+        let memory_bytes = device.memory_info().map(|m| m.total).ok();
+        let uuid = device.uuid().ok();
+        let bus_id = device
+            .pci_info()
+            .map(|p| normalize_bus_id(&p.bus_id))
+            .unwrap_or_default();
+        let mig_enabled = match device.mig_mode() {
+            Ok(m) => Some(m.current == 1),
+            Err(NvmlError::NotSupported) => Some(false),
+            Err(_) => None,
+        };
+        gpus.push(Gpu {
+            index: i,
+            vendor: Vendor::Nvidia,
+            name,
+            memory_bytes,
+            uuid,
+            bus_id,
+            mig_enabled,
+            source: "nvml",
+        });
+    }
+    Ok(NvmlData {
+        gpus,
+        driver: nvml.sys_driver_version().ok(),
+        cuda: nvml.sys_cuda_driver_version().ok().map(cuda_text),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_versions() {
+        assert_eq!(cuda_text(12040), "12.4");
+        assert_eq!(cuda_text(12090), "12.9");
+        assert_eq!(cuda_text(11080), "11.8");
+    }
+
+    #[test]
+    fn missing_library_is_no_library() {
+        let p = NvmlProbe::new(Some(std::path::Path::new("/nonexistent/libnvidia-ml.so.1")));
+        assert!(matches!(p.query(NVML_TIMEOUT), NvmlOutcome::NoLibrary(_)));
+        assert!(p.first_missing());
+        assert!(!p.first_missing());
+    }
+}

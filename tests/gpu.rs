@@ -1,0 +1,312 @@
+//! GPU discovery through the real nvml-wrapper bindings and a stub `libnvidia-ml` built from C,
+//! and the PCI / block-device scanners against fixture trees.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use exalsius_node_agent::config::GpuMode;
+use exalsius_node_agent::inventory::{Collector, HostCollector, Inventory};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn collect(root: &Path, mode: GpuMode, nvml: Option<&Path>) -> Inventory {
+    HostCollector::with_root(root, mode, nvml).collect()
+}
+
+fn body(inv: &Inventory) -> serde_json::Value {
+    serde_json::to_value(exalsius_node_agent::api::NodePatchRequest::new(
+        &inv.specs, None,
+    ))
+    .unwrap()
+}
+
+#[test]
+fn eight_h100_through_nvml() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=8\nmig_index=2\n");
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!(h.gpu_count, 8);
+    assert_eq!(h.gpu_vendor, "NVIDIA");
+    assert_eq!(h.gpu_type, "NVIDIA H100 80GB HBM3");
+    assert_eq!(h.gpu_memory, 80, "81559 MiB = 79.6 GiB rounds to 80");
+    assert_eq!(
+        inv.specs.software.nvidia,
+        "DRIVER version: 550.54.15\nCUDA Version: 12.4"
+    );
+    let gpus = &inv.details.gpus;
+    assert_eq!(gpus[0].bus_id, "0000:18:00.0");
+    assert_eq!(gpus[7].bus_id, "0000:db:00.0");
+    assert_eq!(
+        gpus[3].uuid.as_deref(),
+        Some("GPU-f00dfeed-0000-4000-8000-000000000003")
+    );
+    assert_eq!(gpus[2].mig_enabled, Some(true));
+    assert_eq!(gpus[1].mig_enabled, Some(false));
+    assert!(gpus.iter().all(|g| g.source == "nvml"));
+    assert_valid("components/requests/node-patch-request.yaml", &body(&inv));
+}
+
+#[test]
+fn auto_adds_pci_gpus_nvml_did_not_cover() {
+    let dir = tempfile::tempdir().unwrap();
+    // NVML sees 2 H100s; the fixture's PCI bus has 8 A100s at other addresses.
+    let lib = build_fake_nvml(dir.path(), "count=2\n");
+    let inv = collect(&fixture_host("a100x8"), GpuMode::Auto, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 10);
+    assert_eq!(
+        inv.specs.hardware.gpu_type, "NVIDIA A100 SXM4 80GB",
+        "most common model"
+    );
+    let idx: Vec<u32> = inv.details.gpus.iter().map(|g| g.index).collect();
+    assert_eq!(idx, (0..10).collect::<Vec<_>>());
+}
+
+#[test]
+fn driver_not_loaded_falls_back_to_pci() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "init_result=9\n");
+    let inv = collect(&fixture_host("a100x8"), GpuMode::Auto, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!(h.gpu_count, 8);
+    assert_eq!(h.gpu_vendor, "NVIDIA");
+    assert_eq!(h.gpu_type, "NVIDIA A100 SXM4 80GB");
+    assert_eq!(h.gpu_memory, 80);
+    assert!(
+        inv.details
+            .gpu_notes
+            .iter()
+            .any(|n| n.contains("NVML init failed")),
+        "{:?}",
+        inv.details.gpu_notes
+    );
+    // nvml mode does not scan PCI.
+    let inv = collect(&fixture_host("a100x8"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 0);
+}
+
+#[test]
+fn blocking_nvml_is_abandoned_and_the_last_good_data_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=8\n");
+    let collector = HostCollector::with_root(&fixture_host("vm-nogpu"), GpuMode::Auto, Some(&lib));
+    assert_eq!(collector.collect().specs.hardware.gpu_count, 8);
+    set_fake_nvml(dir.path(), "count=8\nblock_secs=30\n");
+    let t = Instant::now();
+    let inv = collector.collect();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "collection waited {took:?} for a stuck NVML"
+    );
+    assert_eq!(inv.specs.hardware.gpu_count, 8, "last good data");
+    assert!(
+        inv.details
+            .gpu_notes
+            .iter()
+            .any(|n| n.contains("did not answer"))
+    );
+    // The stuck query still holds NVML: the next refresh answers at once, still with 8.
+    let t = Instant::now();
+    let inv = collector.collect();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(inv.specs.hardware.gpu_count, 8);
+    assert!(
+        inv.details
+            .gpu_notes
+            .iter()
+            .any(|n| n.contains("still stuck"))
+    );
+}
+
+#[test]
+fn a_lost_gpu_is_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=8\n");
+    let collector = HostCollector::with_root(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(collector.collect().specs.hardware.gpu_count, 8);
+    set_fake_nvml(dir.path(), "count=8\nlost_index=5\n");
+    let inv = collector.collect();
+    assert_eq!(inv.specs.hardware.gpu_count, 7);
+    assert!(!inv.details.gpus.iter().any(|g| g.bus_id == "0000:ab:00.0"));
+}
+
+#[test]
+fn fixture_a100_server() {
+    let inv = collect(&fixture_host("a100x8"), GpuMode::Pci, None);
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (h.gpu_count, h.gpu_vendor.as_str(), h.gpu_memory),
+        (8, "NVIDIA", 80)
+    );
+    assert_eq!(h.gpu_type, "NVIDIA A100 SXM4 80GB");
+    assert!(
+        !inv.details.gpus.iter().any(|g| g.bus_id == "0000:03:00.0"),
+        "ASPEED BMC skipped"
+    );
+    assert_eq!(h.cpu_cores, 128);
+    // Two 1.92 TB NVMe disks; loop, dm, md, sr and the removable USB stick are not counted.
+    assert_eq!(h.storage_gb, 3841);
+    let names: Vec<&str> = inv.details.disks.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["nvme0n1", "nvme1n1"]);
+    assert_eq!(inv.specs.system.os, "Ubuntu 22.04.4 LTS");
+    assert_eq!(inv.specs.system.kernel, "6.8.0-fixture");
+}
+
+#[test]
+fn fixture_mi300x_box() {
+    let inv = collect(
+        &fixture_host("mi300x"),
+        GpuMode::Auto,
+        Some(Path::new("/nonexistent/libnvidia-ml.so.1")),
+    );
+    let h = &inv.specs.hardware;
+    assert_eq!((h.gpu_count, h.gpu_vendor.as_str()), (8, "AMD"));
+    assert_eq!(h.gpu_type, "AMD Instinct MI300X");
+    assert_eq!(h.gpu_memory, 192, "from amdgpu's mem_info_vram_total");
+    assert_eq!(h.storage_gb, 3841);
+    assert_valid("components/requests/node-patch-request.yaml", &body(&inv));
+}
+
+#[test]
+fn fixture_laptop_skips_the_igpu_and_reports_unknown_memory() {
+    let inv = collect(&fixture_host("laptop"), GpuMode::Pci, None);
+    let h = &inv.specs.hardware;
+    assert_eq!(h.gpu_count, 1, "{:?}", inv.details.gpus);
+    assert_eq!(h.gpu_vendor, "NVIDIA");
+    assert_eq!(
+        h.gpu_type, "NVIDIA device 28e0",
+        "no pci.ids, not in the table"
+    );
+    assert_eq!(h.gpu_memory, 0);
+    assert!(inv.details.gpu_notes.iter().any(|n| n.contains("unknown")));
+}
+
+#[test]
+fn fixture_vm_without_gpu() {
+    let inv = collect(
+        &fixture_host("vm-nogpu"),
+        GpuMode::Auto,
+        Some(Path::new("/nonexistent/x.so")),
+    );
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (
+            h.gpu_count,
+            h.gpu_vendor.as_str(),
+            h.gpu_type.as_str(),
+            h.gpu_memory
+        ),
+        (0, "UNKNOWN", "UNKNOWN", 0)
+    );
+    assert_eq!(h.storage_gb, 54);
+    assert_eq!(h.cpu_cores, 4);
+    assert_valid("components/requests/node-patch-request.yaml", &body(&inv));
+}
+
+#[test]
+fn gpu_off_reports_none() {
+    let inv = collect(&fixture_host("a100x8"), GpuMode::Off, None);
+    assert_eq!(inv.specs.hardware.gpu_count, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
+    let api = StandIn::start().await;
+    let mut agent = Agent::new();
+    let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
+    agent.write_config(&config_text(&api.url(), "").replace(
+        "[inventory]\ngpu = \"off\"\n",
+        &format!(
+            "[inventory]\ngpu = \"auto\"\nrefresh_interval = \"200ms\"\nnvml_library = \"{}\"\n",
+            lib.display()
+        ),
+    ));
+    agent.spawn(&[]);
+    let seen = api.wait_requests(2, Duration::from_secs(10)).await;
+    let first: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(first["hardware"]["gpu_count"], 8);
+    assert_eq!(first["hardware"]["gpu_type"], "NVIDIA H100 80GB HBM3");
+
+    set_fake_nvml(agent.dir.path(), "count=8\nblock_secs=60\n");
+    let before = api.count();
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let seen = api.seen();
+    // Interval 100 ms: ~65 heartbeats in 6.5 s; demand at least half, all with 8 GPUs.
+    assert!(
+        seen.len() - before >= 30,
+        "only {} heartbeats while NVML hung",
+        seen.len() - before
+    );
+    for s in &seen[before..] {
+        let b: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+        assert_eq!(b["hardware"]["gpu_count"], 8);
+    }
+    agent
+        .wait_output("NVML did not answer", Duration::from_secs(5))
+        .await;
+    let (status, took) = agent.stop();
+    assert!(status.success());
+    assert!(
+        took < Duration::from_secs(1),
+        "shutdown waited for the stuck NVML: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_heartbeats_when_the_driver_is_not_loaded() {
+    let api = StandIn::start().await;
+    let mut agent = Agent::new();
+    let lib = build_fake_nvml(agent.dir.path(), "init_result=9\n");
+    agent.write_config(&config_text(&api.url(), "").replace(
+        "[inventory]\ngpu = \"off\"\n",
+        &format!(
+            "[inventory]\ngpu = \"auto\"\nnvml_library = \"{}\"\n",
+            lib.display()
+        ),
+    ));
+    agent.spawn(&[]);
+    let seen = api.wait_requests(3, Duration::from_secs(10)).await;
+    agent.stop();
+    assert!(seen.iter().all(|s| s.status == 200));
+    assert!(
+        agent.all_output().contains("NVML init failed"),
+        "{}",
+        agent.all_output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_that_falls_off_the_bus_is_logged_and_the_count_drops() {
+    let api = StandIn::start().await;
+    let mut agent = Agent::new();
+    let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
+    agent.write_config(&config_text(&api.url(), "").replace(
+        "[inventory]\ngpu = \"off\"\n",
+        &format!(
+            "[inventory]\ngpu = \"nvml\"\nrefresh_interval = \"200ms\"\nnvml_library = \"{}\"\n",
+            lib.display()
+        ),
+    ));
+    agent.spawn(&[]);
+    api.wait_requests(1, Duration::from_secs(10)).await;
+    set_fake_nvml(agent.dir.path(), "count=8\nlost_index=5\n");
+    agent
+        .wait_output(
+            "GPU 5 (NVIDIA H100 80GB HBM3) is gone",
+            Duration::from_secs(5),
+        )
+        .await;
+    let before = api.count();
+    let seen = api.wait_requests(before + 1, Duration::from_secs(5)).await;
+    agent.stop();
+    let last: serde_json::Value = serde_json::from_slice(&seen[before].body).unwrap();
+    assert_eq!(last["hardware"]["gpu_count"], 7);
+    let out = agent.all_output();
+    assert!(
+        out.contains("GPU-f00dfeed-0000-4000-8000-000000000005"),
+        "uuid logged: {out}"
+    );
+    assert!(out.contains("0000:ab:00.0"), "bus id logged: {out}");
+}

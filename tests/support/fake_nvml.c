@@ -1,0 +1,187 @@
+/*
+ * A stand-in for libnvidia-ml.so.1, compiled at test time and loaded through the real
+ * nvml-wrapper bindings (inventory.nvml_library). It exports the functions the agent calls.
+ *
+ * Behaviour comes from "fake_nvml.conf" in the directory the library was loaded from, re-read
+ * on every nvmlInit_v2 and nvmlDeviceGetCount_v2 so a test can change it while the agent runs:
+ *
+ *   init_result=9          nvmlInit_v2 returns this (9 = NVML_ERROR_DRIVER_NOT_LOADED)
+ *   count=8                number of GPUs
+ *   name=NVIDIA H100 80GB HBM3
+ *   mem_mib=81559          total memory per GPU (MiB)
+ *   driver=550.54.15
+ *   cuda=12040
+ *   block_secs=30          nvmlDeviceGetCount_v2 sleeps this long (a wedged GPU)
+ *   lost_index=3           nvmlDeviceGetName returns NVML_ERROR_GPU_IS_LOST for this GPU
+ *   mig_index=2            this GPU has MIG enabled
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef int nvmlReturn_t;
+typedef struct nvmlDevice_st *nvmlDevice_t;
+
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain;
+    unsigned int bus;
+    unsigned int device;
+    unsigned int pciDeviceId;
+    unsigned int pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned long long total;
+    unsigned long long reserved;
+    unsigned long long free;
+    unsigned long long used;
+} nvmlMemory_v2_t;
+
+#define NVML_SUCCESS 0
+#define NVML_ERROR_INVALID_ARGUMENT 2
+#define NVML_ERROR_INSUFFICIENT_SIZE 7
+#define NVML_ERROR_GPU_IS_LOST 15
+
+static struct {
+    int init_result;
+    unsigned count;
+    char name[96];
+    unsigned long long mem_mib;
+    char driver[80];
+    int cuda;
+    unsigned block_secs;
+    int lost_index;
+    int mig_index;
+} cfg;
+
+/* Bus numbers of a real 8-GPU HGX board. */
+static const unsigned buses[] = {0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb};
+
+static void load_config(void) {
+    cfg.init_result = 0;
+    cfg.count = 8;
+    snprintf(cfg.name, sizeof cfg.name, "NVIDIA H100 80GB HBM3");
+    cfg.mem_mib = 81559;
+    snprintf(cfg.driver, sizeof cfg.driver, "550.54.15");
+    cfg.cuda = 12040;
+    cfg.block_secs = 0;
+    cfg.lost_index = -1;
+    cfg.mig_index = -1;
+
+    Dl_info info;
+    if (!dladdr((void *)load_config, &info) || !info.dli_fname) return;
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s", info.dli_fname);
+    char *slash = strrchr(path, '/');
+    if (!slash) return;
+    snprintf(slash + 1, sizeof path - (size_t)(slash + 1 - path), "fake_nvml.conf");
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        char *eq = strchr(line, '=');
+        if (!eq) continue;
+        *eq = 0;
+        const char *k = line, *v = eq + 1;
+        if (!strcmp(k, "init_result")) cfg.init_result = atoi(v);
+        else if (!strcmp(k, "count")) cfg.count = (unsigned)atoi(v);
+        else if (!strcmp(k, "name")) snprintf(cfg.name, sizeof cfg.name, "%s", v);
+        else if (!strcmp(k, "mem_mib")) cfg.mem_mib = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "driver")) snprintf(cfg.driver, sizeof cfg.driver, "%s", v);
+        else if (!strcmp(k, "cuda")) cfg.cuda = atoi(v);
+        else if (!strcmp(k, "block_secs")) cfg.block_secs = (unsigned)atoi(v);
+        else if (!strcmp(k, "lost_index")) cfg.lost_index = atoi(v);
+        else if (!strcmp(k, "mig_index")) cfg.mig_index = atoi(v);
+    }
+    fclose(f);
+}
+
+static int index_of(nvmlDevice_t d) { return (int)((uintptr_t)d) - 1; }
+
+static nvmlReturn_t copy_str(char *dst, unsigned len, const char *src) {
+    if (!dst || strlen(src) + 1 > len) return NVML_ERROR_INSUFFICIENT_SIZE;
+    memcpy(dst, src, strlen(src) + 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlInit_v2(void) {
+    load_config();
+    return cfg.init_result;
+}
+
+nvmlReturn_t nvmlShutdown(void) { return NVML_SUCCESS; }
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    return copy_str(version, length, cfg.driver);
+}
+
+nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *v) {
+    if (!v) return NVML_ERROR_INVALID_ARGUMENT;
+    *v = cfg.cuda;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
+    load_config();
+    if (cfg.block_secs) sleep(cfg.block_secs);
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    *count = cfg.count;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
+    if (!device || index >= cfg.count) return NVML_ERROR_INVALID_ARGUMENT;
+    *device = (nvmlDevice_t)(uintptr_t)(index + 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *name, unsigned int length) {
+    if (index_of(d) == cfg.lost_index) return NVML_ERROR_GPU_IS_LOST;
+    return copy_str(name, length, cfg.name);
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *uuid, unsigned int length) {
+    char buf[80];
+    snprintf(buf, sizeof buf, "GPU-f00dfeed-0000-4000-8000-%012d", index_of(d));
+    return copy_str(uuid, length, buf);
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
+    (void)d;
+    if (!m) return NVML_ERROR_INVALID_ARGUMENT;
+    m->total = cfg.mem_mib * 1024ULL * 1024ULL;
+    m->reserved = 0;
+    m->used = 0;
+    m->free = m->total;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
+    int i = index_of(d);
+    if (!p || i < 0) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned bus = buses[(unsigned)i % 8] + (unsigned)i / 8;
+    memset(p, 0, sizeof *p);
+    p->domain = 0;
+    p->bus = bus;
+    p->device = 0;
+    p->pciDeviceId = 0x233010de;
+    p->pciSubSystemId = 0x16c110de;
+    snprintf(p->busId, sizeof p->busId, "00000000:%02X:00.0", bus);
+    snprintf(p->busIdLegacy, sizeof p->busIdLegacy, "0000:%02X:00.0", bus);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned int *current, unsigned int *pending) {
+    if (!current || !pending) return NVML_ERROR_INVALID_ARGUMENT;
+    *current = *pending = (index_of(d) == cfg.mig_index) ? 1 : 0;
+    return NVML_SUCCESS;
+}
