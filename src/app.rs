@@ -27,10 +27,11 @@ pub fn main(cli: Cli) -> u8 {
         Command::Inventory(args) => inventory(&overrides, &args),
         Command::Status(args) => status(&overrides, &args),
         Command::CheckConfig => check_config(&overrides),
+        Command::Register(args) => crate::register::command(&overrides, &args),
     }
 }
 
-fn load_or_report(overrides: &Overrides) -> Result<Config, u8> {
+pub(crate) fn load_or_report(overrides: &Overrides) -> Result<Config, u8> {
     Config::load(overrides, &process_env).map_err(|e| {
         eprintln!("exalsius-node-agent: configuration error: {e}");
         EX_CONFIG

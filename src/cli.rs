@@ -50,6 +50,54 @@ pub enum Command {
     /// Validate the configuration and print the effective values (tokens redacted);
     /// exit 0 if valid, 78 if not.
     CheckConfig,
+    /// Register this node with the pool using a registration token (POST /node/self-register),
+    /// and keep the node id and access token in the state file, so `run` needs neither in the
+    /// config.
+    ///
+    /// Exit codes: 0 registered, 1 API/network failure or already registered (see --force),
+    /// 2 usage error, 78 invalid value (endpoint, token file) or configuration error.
+    Register(RegisterArgs),
+}
+
+/// `register` options.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Registration token (prefer --register-token-file or EXALSIUS_REGISTER_TOKEN: a flag is
+    /// visible in `ps` and shell history)
+    #[arg(
+        long,
+        env = "EXALSIUS_REGISTER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        conflicts_with = "register_token_file",
+        required_unless_present = "register_token_file"
+    )]
+    pub register_token: Option<String>,
+    /// Read the registration token from this file (surrounding whitespace trimmed)
+    #[arg(long, value_name = "PATH")]
+    pub register_token_file: Option<PathBuf>,
+    /// SSH endpoint exalsius reaches this node on, HOST:PORT (IPv6 in brackets: [2001:db8::1]:22)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: String,
+    /// SSH user name
+    #[arg(long, value_name = "USER")]
+    pub username: String,
+    /// ID of the SSH key exalsius uses for this node (passed through as given)
+    #[arg(long, value_name = "ID")]
+    pub ssh_key_id: String,
+    /// Node name in the pool [default: this machine's hostname]
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Price per hour in USD
+    #[arg(long, value_name = "X")]
+    pub price_per_hour: Option<f64>,
+    /// Free-text description; the register call has no field for it, so it is kept in the
+    /// state file and sent with the heartbeats (unless inventory.description is set)
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+    /// Replace an existing registration (the old state is kept as state.json.bak)
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `run` options.

@@ -533,7 +533,11 @@ impl Agent {
         let body = match &self.specs {
             Some(specs) => serde_json::to_vec(&NodePatchRequest::new(
                 specs,
-                self.cfg.inventory.description.as_deref(),
+                self.cfg
+                    .inventory
+                    .description
+                    .as_deref()
+                    .or(self.state.description.as_deref()),
             ))
             .unwrap_or_default(),
             // No inventory yet: the spec allows an empty PATCH as a pure heartbeat, which is

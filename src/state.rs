@@ -64,6 +64,9 @@ pub struct State {
     pub consecutive_failures: u32,
     /// Why the last attempt failed; `None` when it succeeded.
     pub last_error: Option<String>,
+    /// Description given to `register` (the register call has no field for it; heartbeats
+    /// send it unless `inventory.description` is set).
+    pub description: Option<String>,
 }
 
 impl State {
@@ -80,6 +83,7 @@ impl State {
             last_success_at: None,
             consecutive_failures: 0,
             last_error: None,
+            description: None,
         }
     }
 
@@ -109,6 +113,8 @@ struct StateFile {
     consecutive_failures: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
 }
 
 /// Formats a time as RFC 3339 UTC with seconds.
@@ -134,6 +140,7 @@ impl From<&State> for StateFile {
             last_success_at: s.last_success_at.map(rfc3339),
             consecutive_failures: s.consecutive_failures,
             last_error: s.last_error.clone(),
+            description: s.description.clone(),
         }
     }
 }
@@ -151,6 +158,7 @@ impl From<StateFile> for State {
             last_success_at: parse_time(&f.last_success_at),
             consecutive_failures: f.consecutive_failures,
             last_error: f.last_error,
+            description: f.description,
         }
     }
 }
@@ -280,6 +288,21 @@ impl StateStore {
             .and_then(|d| d.sync_all())
             .map_err(|e| io("cannot fsync directory of", e))?;
         Ok(())
+    }
+
+    /// Keeps the current state file as `state.json.bak` (before `register --force` replaces it).
+    pub fn backup(&self) -> Result<Option<PathBuf>, StateError> {
+        let path = self.path();
+        let bak = self.dir.join(format!("{STATE_FILE}.bak"));
+        match fs::rename(&path, &bak) {
+            Ok(()) => Ok(Some(bak)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io {
+                action: "cannot back up",
+                path,
+                source,
+            }),
+        }
     }
 
     /// Moves an unreadable state file aside (kept for inspection) so a fresh one can be written.

@@ -12,6 +12,8 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers};
 
 pub const NODE_ID: &str = "0d9c2f4e-8a51-4c1b-9e62-3f7a1b2c4d5e";
 pub const BOOT: &str = "boot-token-SECRET-0001";
+pub const REGISTER_TOKEN: &str = "register-SECRET-token-77";
+pub const REGISTERED_ID: &str = "7c3e9a10-5b2d-4f8e-9a61-0c4d2e8f1b30";
 
 /// One request as the stand-in saw it.
 #[derive(Debug, Clone)]
@@ -49,6 +51,8 @@ pub struct ApiState {
     pub nodes: Vec<String>,
     /// Answer every request with this status (after the script).
     pub always: Option<u16>,
+    /// Hostnames registered through self-register.
+    pub registered_hosts: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -110,6 +114,39 @@ impl Respond for Responder {
         } else if let Some(code) = st.always {
             seen.status = code;
             problem(code, "Always", "always failing")
+        } else if req.url.path().ends_with("/node/self-register") {
+            let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            let host = body["hostname"].as_str().unwrap_or("").to_string();
+            if body["register_token"] != REGISTER_TOKEN {
+                seen.status = 401;
+                problem(
+                    401,
+                    "Unauthorized",
+                    "The provided register token are invalid or expired.",
+                )
+            } else if st.registered_hosts.contains(&host) {
+                seen.status = 409;
+                problem(409, "Conflict", "The node with ID 123 already exists.")
+            } else {
+                st.registered_hosts.push(host);
+                let n = st.registered_hosts.len();
+                let id = if n == 1 {
+                    REGISTERED_ID.to_string()
+                } else {
+                    format!("7c3e9a10-5b2d-4f8e-9a61-{n:012}")
+                };
+                st.nodes.push(id.clone());
+                let token = format!("registered-SECRET-{n}");
+                st.issued.push(token.clone());
+                st.accepted = vec![token.clone()];
+                seen.status = 201;
+                ResponseTemplate::new(201).set_body_raw(
+                    serde_json::json!({"node_id": id, "next_access_token": token,
+                        "next_access_token_expires_in": 3600, "next_access_token_type": "Bearer"})
+                    .to_string(),
+                    "application/json",
+                )
+            }
         } else {
             let node = req.url.path().rsplit('/').next().unwrap_or("").to_string();
             let token = auth

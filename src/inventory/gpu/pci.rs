@@ -198,18 +198,19 @@ pub fn lookup_name(text: &str, vendor: u16, device: u16) -> Option<String> {
     let vendor_key = format!("\n{vendor:04x}  ");
     let start = text.find(&vendor_key)? + vendor_key.len();
     let block = &text[start..];
+    let first_line_len = block.find('\n').map_or(block.len(), |i| i + 1);
+    let rest = &block[first_line_len..];
     // The vendor block ends at the next line that does not start with a tab or '#'.
-    let mut end = block.len();
+    let mut end = rest.len();
     let mut offset = 0;
-    for line in block.split_inclusive('\n').skip(1) {
-        offset += line.len();
+    for line in rest.split_inclusive('\n') {
         if !(line.starts_with('\t') || line.starts_with('#') || line.trim().is_empty()) {
-            end = offset - line.len();
+            end = offset;
             break;
         }
+        offset += line.len();
     }
-    let first_line_len = block.find('\n').map_or(block.len(), |i| i + 1);
-    let devices = &block[first_line_len.min(end)..end];
+    let devices = &rest[..end];
     let device_key = format!("\t{device:04x}  ");
     devices.lines().find_map(|l| {
         l.strip_prefix(&device_key)

@@ -1,0 +1,325 @@
+//! `register`: self-registration with a registration token (`POST {api.url}/node/self-register`).
+//!
+//! On success the node id and the returned access token are written to the state file exactly
+//! as a rotated token is (atomic, 0600), so `run` needs neither in the config. The register
+//! token is sent once and never written or logged.
+
+use crate::api::{ApiClient, FailureKind, NodeHardware, NodeSoftware, NodeSystem};
+use crate::app::{EXIT_FAILURE, load_or_report};
+use crate::cli::RegisterArgs;
+use crate::config::{Config, EX_CONFIG, Overrides};
+use crate::heartbeat::Backoff;
+use crate::inventory::{Collector, HostCollector};
+use crate::secret::Secret;
+use crate::state::{State, StateStore};
+use serde::Serialize;
+use std::net::Ipv6Addr;
+use std::time::{Duration, SystemTime};
+use uuid::Uuid;
+
+/// Attempts before `register` gives up on connection problems and 5xx: enough to ride out a
+/// restart of the API, few enough that an operator at the terminal gets an answer in seconds.
+pub const REGISTER_ATTEMPTS: u32 = 4;
+
+/// `NodeSelfRegisterRequest`.
+#[derive(Debug, Serialize)]
+pub struct NodeSelfRegisterRequest<'a> {
+    /// The registration token (the only place it is ever written to).
+    pub register_token: &'a str,
+    /// Node name.
+    pub hostname: &'a str,
+    /// SSH endpoint `host:port`.
+    pub endpoint: &'a str,
+    /// SSH user.
+    pub username: &'a str,
+    /// SSH key id.
+    pub ssh_key_id: &'a str,
+    /// USD per hour.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_per_hour: Option<f64>,
+    /// Hardware specs.
+    pub hardware: &'a NodeHardware,
+    /// Software versions.
+    pub software: &'a NodeSoftware,
+    /// OS and kernel.
+    pub system: &'a NodeSystem,
+}
+
+/// Checks `host:port` (IPv6 in brackets); returns a message naming the problem.
+pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("--endpoint {endpoint:?}: {why}"));
+    let (host, port) = if let Some(rest) = endpoint.strip_prefix('[') {
+        let Some((h, p)) = rest.split_once("]:") else {
+            return bad("expected [IPv6]:PORT");
+        };
+        if h.parse::<Ipv6Addr>().is_err() {
+            return bad("not an IPv6 address inside the brackets");
+        }
+        (h, p)
+    } else {
+        let Some((h, p)) = endpoint.rsplit_once(':') else {
+            return bad("expected HOST:PORT");
+        };
+        if h.contains(':') {
+            return bad("an IPv6 address must be in brackets: [2001:db8::1]:22");
+        }
+        let valid = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid {
+            return bad("not a valid host name or IPv4 address");
+        }
+        (h, p)
+    };
+    let _ = host;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => bad("port must be 1–65535"),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// This machine's host name.
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| sysinfo::System::host_name().ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn register_token(args: &RegisterArgs) -> Result<Secret, String> {
+    let token = match (&args.register_token, &args.register_token_file) {
+        (_, Some(path)) => std::fs::read_to_string(path)
+            .map(|t| Secret::new(t.trim()))
+            .map_err(|e| format!("--register-token-file {}: {e}", path.display()))?,
+        (Some(t), None) => Secret::new(t.trim()),
+        (None, None) => return Err("no registration token given".to_string()),
+    };
+    if token.is_blank() {
+        return Err("the registration token is empty".to_string());
+    }
+    Ok(token)
+}
+
+/// Runs `register`; returns the exit code.
+pub fn command(overrides: &Overrides, args: &RegisterArgs) -> u8 {
+    let cfg = match load_or_report(overrides) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let invalid = |msg: String| {
+        eprintln!("exalsius-node-agent: {msg}");
+        EX_CONFIG
+    };
+    if let Err(m) = validate_endpoint(&args.endpoint) {
+        return invalid(m);
+    }
+    if args.username.trim().is_empty() {
+        return invalid("--username is empty".to_string());
+    }
+    if args.ssh_key_id.trim().is_empty() {
+        return invalid("--ssh-key-id is empty".to_string());
+    }
+    if let Some(p) = args.price_per_hour
+        && (!p.is_finite() || p < 0.0)
+    {
+        return invalid(format!(
+            "--price-per-hour {p} must be a non-negative number"
+        ));
+    }
+    let token = match register_token(args) {
+        Ok(t) => t,
+        Err(m) => return invalid(m),
+    };
+    crate::logging::init(&cfg.log.level, cfg.log.format);
+
+    let store = StateStore::new(&cfg.state.dir);
+    match store.load() {
+        Ok((Some(existing), _)) if !args.force => {
+            eprintln!(
+                "exalsius-node-agent: this agent already holds node {} ({}) in {}; \
+                 use --force to register again (the old state is kept as state.json.bak)",
+                existing.node_id,
+                existing.api_url,
+                store.path().display()
+            );
+            return EXIT_FAILURE;
+        }
+        Ok(_) => {}
+        Err(e) if !args.force => {
+            eprintln!("exalsius-node-agent: {e}; use --force to replace it");
+            return EXIT_FAILURE;
+        }
+        Err(_) => {}
+    }
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("exalsius-node-agent: cannot start the runtime: {e}");
+            return EXIT_FAILURE;
+        }
+    };
+    match runtime.block_on(register(&cfg, args, &token, &store)) {
+        Ok(node_id) => {
+            println!("registered node {node_id} with {}", cfg.api.url);
+            println!("state written to {}", store.path().display());
+            println!("next: systemctl enable --now exalsius-node-agent");
+            println!("   or: exalsius-node-agent run   (in the foreground)");
+            0
+        }
+        Err(Failed::Config(m)) => invalid(m),
+        Err(Failed::Api(m)) => {
+            eprintln!("exalsius-node-agent: registration failed: {m}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+enum Failed {
+    Config(String),
+    Api(String),
+}
+
+async fn register(
+    cfg: &Config,
+    args: &RegisterArgs,
+    token: &Secret,
+    store: &StateStore,
+) -> Result<Uuid, Failed> {
+    let client = ApiClient::new(&cfg.api).map_err(|e| Failed::Config(e.to_string()))?;
+    let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref());
+    let inventory = tokio::task::spawn_blocking(move || collector.collect())
+        .await
+        .map_err(|e| Failed::Api(format!("inventory collection failed: {e}")))?;
+    let hostname = args.hostname.clone().unwrap_or_else(local_hostname);
+    let body = NodeSelfRegisterRequest {
+        register_token: token.expose(),
+        hostname: &hostname,
+        endpoint: &args.endpoint,
+        username: &args.username,
+        ssh_key_id: &args.ssh_key_id,
+        price_per_hour: args.price_per_hour,
+        hardware: &inventory.specs.hardware,
+        software: &inventory.specs.software,
+        system: &inventory.specs.system,
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| Failed::Api(e.to_string()))?;
+    let url = format!("{}/node/self-register", cfg.api.url);
+    let mut backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
+    let mut attempt = 0;
+    let success = loop {
+        attempt += 1;
+        match client.post_json(&url, body.clone()).await {
+            Ok(s) => break s,
+            Err(f) => {
+                let msg = match (f.kind, f.status) {
+                    (FailureKind::Unauthorized, _) => {
+                        format!("{f}: the registration token is invalid or expired; get a new one")
+                    }
+                    (FailureKind::Conflict, _) => format!(
+                        "{f}: a node with this hostname or endpoint already exists in the pool"
+                    ),
+                    (FailureKind::Retryable, _) if attempt < REGISTER_ATTEMPTS => {
+                        let wait = backoff
+                            .next_delay()
+                            .max(f.retry_after.unwrap_or(Duration::ZERO));
+                        tracing::warn!(
+                            "registration attempt {attempt} failed: {f}; retrying in {:.1}s",
+                            wait.as_secs_f64()
+                        );
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    (FailureKind::Retryable, _) => {
+                        format!("{f} (gave up after {attempt} attempts)")
+                    }
+                    _ => f.message,
+                };
+                return Err(Failed::Api(msg));
+            }
+        }
+    };
+    let node_id = Uuid::parse_str(success.body.node_id.trim()).map_err(|_| {
+        Failed::Api(format!(
+            "the API answered with node_id {:?}, which is not a UUID",
+            success.body.node_id
+        ))
+    })?;
+    let Some(access) = success.body.next_access_token else {
+        return Err(Failed::Api(
+            "the API registered the node but returned no access token".to_string(),
+        ));
+    };
+    let now = SystemTime::now();
+    let mut state = State::new(node_id, &cfg.api.url, Secret::new(access), None);
+    state.token_type = success
+        .body
+        .next_access_token_type
+        .filter(|t| !t.trim().is_empty());
+    state.token_expires_at = success
+        .body
+        .next_access_token_expires_in
+        .filter(|&s| s > 0)
+        .and_then(|s| now.checked_add(Duration::from_secs(s.unsigned_abs())));
+    state.description = args.description.clone();
+    if args.force {
+        match store.backup() {
+            Ok(Some(bak)) => tracing::info!("previous state kept as {}", bak.display()),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    store.save(&state).map_err(|e| {
+        Failed::Api(format!(
+            "node {node_id} was registered but its token could not be saved: {e}; \
+             fix the state directory and register again with --force"
+        ))
+    })?;
+    Ok(node_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        for ok in [
+            "192.168.1.1:22",
+            "node-7.example.com:2222",
+            "[2001:db8::1]:22",
+            "[::1]:22",
+            "h:65535",
+        ] {
+            assert!(validate_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "host",
+            "host:",
+            ":22",
+            "host:0",
+            "host:70000",
+            "2001:db8::1:22",
+            "[2001:db8::1]",
+            "[nope]:22",
+            "bad_host:22",
+            "-x.example:22",
+            "a..b:22",
+        ] {
+            assert!(validate_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! `register` against a local stand-in for the API, then `run` with no node id or token in
+//! the config.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use support::*;
+
+/// A config with the API URL and state dir only: no node id, no token.
+fn bare_config(url: &str) -> String {
+    format!(
+        "[api]\nurl = \"{url}\"\ntimeout = \"2s\"\nconnect_timeout = \"500ms\"\n\n\
+         [heartbeat]\ninterval = \"100ms\"\njitter = 0.0\ninitial_backoff = \"50ms\"\nmax_backoff = \"400ms\"\n\n\
+         [inventory]\ngpu = \"off\"\n\n[log]\nlevel = \"debug\"\n"
+    )
+}
+
+fn register_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "register",
+        "--endpoint",
+        "192.168.1.1:22",
+        "--username",
+        "ubuntu",
+        "--ssh-key-id",
+        "123e4567-e89b-12d3-a456-426614174000",
+        "--hostname",
+        "gpu-node-1",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_then_run_heartbeats_with_the_registered_node() {
+    let api = StandIn::start().await;
+    let mut agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+    let tf = agent.dir.path().join("register-token");
+    std::fs::write(&tf, format!("{REGISTER_TOKEN}\n")).unwrap();
+    let out = agent.output(&register_args(&[
+        "--register-token-file",
+        tf.to_str().unwrap(),
+        "--price-per-hour",
+        "1.25",
+        "--description",
+        "rack 4",
+    ]));
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains(REGISTERED_ID), "{all}");
+    assert!(
+        all.contains("systemctl enable --now exalsius-node-agent"),
+        "{all}"
+    );
+
+    let seen = api.seen();
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].path, "/v1/node/self-register");
+    let body: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_valid("components/requests/node-self-register-request.yaml", &body);
+    assert_eq!(body["hostname"], "gpu-node-1");
+    assert_eq!(body["price_per_hour"], 1.25);
+    assert!(body["hardware"]["cpu_cores"].as_i64().unwrap() >= 1);
+    assert!(
+        seen[0].auth.is_none(),
+        "self-register carries no Authorization"
+    );
+
+    let state = agent.state_json();
+    assert_eq!(state["node_id"], REGISTERED_ID);
+    assert_eq!(state["access_token"], "registered-SECRET-1");
+    assert!(state.get("bootstrap_token_sha256").is_none());
+    let mode = std::fs::metadata(agent.state_file())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let raw = std::fs::read_to_string(agent.state_file()).unwrap();
+    assert!(
+        !raw.contains(REGISTER_TOKEN),
+        "register token written to the state file"
+    );
+
+    // run: no node id or token in the config; the state supplies them, rotation continues.
+    agent.spawn(&[]);
+    let seen = api.wait_requests(4, Duration::from_secs(10)).await;
+    agent.stop();
+    assert_eq!(seen[1].path, format!("/v1/node/{REGISTERED_ID}"));
+    assert_eq!(seen[1].auth.as_deref(), Some("Bearer registered-SECRET-1"));
+    assert_eq!(seen[1].status, 200);
+    let issued = api.issued();
+    assert_eq!(
+        seen[2].auth.as_deref(),
+        Some(format!("Bearer {}", issued[1]).as_str())
+    );
+    let hb: serde_json::Value = serde_json::from_slice(&seen[1].body).unwrap();
+    assert_eq!(hb["description"], "rack 4");
+    assert!(
+        !agent.all_output().contains("SECRET"),
+        "{}",
+        agent.all_output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_explained() {
+    let api = StandIn::start().await;
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", "wrong-token")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("HTTP 401"), "{}", text(&out));
+    assert!(text(&out).contains("registration token is invalid or expired"));
+    assert!(!text(&out).contains("wrong-token"));
+
+    api.with(|s| s.registered_hosts.push("gpu-node-1".into()));
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("HTTP 409"), "{}", text(&out));
+    assert!(text(&out).contains("already exists"));
+
+    api.script([Scripted::Status(422)]);
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("HTTP 422 Unprocessable Entity: Scripted: scripted 422"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(REGISTER_TOKEN));
+    assert!(!agent.state_file().exists());
+}
+
+#[test]
+fn connection_problems_are_retried_a_few_times_then_fail_clearly() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&format!("http://{addr}/v1")));
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("cannot connect"), "{all}");
+    assert!(all.contains("gave up after 4 attempts"), "{all}");
+    assert_eq!(all.matches("registration attempt").count(), 3, "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_registration_needs_force_and_is_kept_as_bak() {
+    let api = StandIn::start().await;
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+    let env = [("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)];
+    assert!(agent.output_env(&register_args(&[]), &env).status.success());
+    let mut second = register_args(&[]);
+    second[8] = "gpu-node-2";
+    let out = agent.output_env(&second, &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("--force"), "{}", text(&out));
+    assert_eq!(api.count(), 1, "refused before calling the API");
+
+    second.push("--force");
+    let out = agent.output_env(&second, &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let bak: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(agent.state_dir().join("state.json.bak")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(bak["node_id"], REGISTERED_ID);
+    assert_ne!(agent.state_json()["node_id"], REGISTERED_ID);
+}
+
+#[test]
+fn invalid_values_exit_78() {
+    let agent = Agent::new();
+    agent.write_config(&bare_config("http://127.0.0.1:9/v1"));
+    let env = [("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)];
+    for endpoint in ["no-port", "::1:22", "host:0", "host:99999", "bad host:22"] {
+        let mut args = register_args(&[]);
+        args[2] = endpoint;
+        let out = agent.output_env(&args, &env);
+        assert_eq!(out.status.code(), Some(78), "{endpoint}: {}", text(&out));
+        assert!(text(&out).contains("--endpoint"), "{}", text(&out));
+    }
+    let out = agent.output(&register_args(&[
+        "--register-token-file",
+        "/nonexistent/token",
+    ]));
+    assert_eq!(out.status.code(), Some(78));
+    assert!(text(&out).contains("/nonexistent/token"));
+    // No token at all is a usage error.
+    let out = agent.output(&register_args(&[]));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_node_id_in_the_config_is_refused() {
+    let api = StandIn::start().await;
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+    let env = [("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)];
+    assert!(agent.output_env(&register_args(&[]), &env).status.success());
+    let out = agent.output(&["run", "--once", "--node-id", NODE_ID]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        text(&out).contains("differs from the registered node"),
+        "{}",
+        text(&out)
+    );
+    // The registered id itself is fine.
+    let out = agent.output(&["run", "--once", "--node-id", REGISTERED_ID]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_registered_token_says_re_register() {
+    let api = StandIn::start().await;
+    let mut agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+    let env = [("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)];
+    assert!(agent.output_env(&register_args(&[]), &env).status.success());
+    api.with(|s| s.accepted.clear());
+    agent.spawn(&[]);
+    let seen = api.wait_requests(3, Duration::from_secs(10)).await;
+    agent.stop();
+    assert_eq!(seen[1].status, 401);
+    assert!(
+        seen[2].at - seen[1].at >= Duration::from_millis(400),
+        "slow retries"
+    );
+    assert!(
+        agent.all_output().contains("re-register"),
+        "{}",
+        agent.all_output()
+    );
+}
