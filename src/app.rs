@@ -44,6 +44,9 @@ fn run(overrides: &Overrides, args: &RunArgs) -> u8 {
         Err(code) => return code,
     };
     crate::logging::init(&cfg.log.level, cfg.log.format);
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     let mode = if args.once {
         Mode::Once
     } else if args.dry_run {
@@ -383,6 +386,9 @@ fn check_config(overrides: &Overrides) -> u8 {
         |p| p.display().to_string(),
     );
     println!("# effective configuration from {source}");
+    for w in &cfg.warnings {
+        println!("# warning: {w}");
+    }
     print!("{}", cfg.to_redacted_toml());
     if cfg.api.node_id.is_none() || cfg.api.access_token.is_none() {
         println!(

@@ -194,6 +194,9 @@ pub struct Config {
     /// The file it was read from (`None`: defaults and environment only).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// Problems worth a warning that do not stop the agent (a token file others can read).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
     /// `[api]`
     pub api: ApiConfig,
     /// `[heartbeat]`
@@ -336,7 +339,7 @@ impl Config {
         build(file, source, overrides, env)
     }
 
-    /// Parses a config text as if read from `path` (for tests and `check-config`).
+    /// Parses a config text as if read from `path` (tests, fuzzing).
     pub fn from_toml(
         text: &str,
         path: &Path,
@@ -395,7 +398,7 @@ fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
 
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
@@ -438,6 +441,7 @@ fn build(
     };
 
     // api.access_token / api.access_token_file
+    let file_has_token = file.api.access_token.is_some();
     let (access_token, access_token_file) = if let Some(t) = env(ENV_ACCESS_TOKEN) {
         (Some(Secret::new(t.trim())), None)
     } else {
@@ -552,8 +556,17 @@ fn build(
         ));
     }
 
+    let mut warnings = Vec::new();
+    if file_has_token && let Some(w) = source.as_deref().and_then(secret_file_exposure) {
+        warnings.push(format!("config file holds api.access_token but {w}"));
+    }
+    if let Some(w) = access_token_file.as_deref().and_then(secret_file_exposure) {
+        warnings.push(format!("api.access_token_file {w}"));
+    }
+
     Ok(Config {
         source,
+        warnings,
         api: ApiConfig {
             url,
             node_id,
@@ -645,6 +658,36 @@ fn default_state_dir(env: EnvLookup<'_>) -> PathBuf {
         .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .unwrap_or_else(|| PathBuf::from("."));
     base.join("exalsius-node-agent")
+}
+
+/// Why a file holding a secret is too open, if it is: readable by others, or by a group that is
+/// not the agent's own (the package installs the config `0640 root:exalsius-agent`, which is
+/// fine).
+pub fn secret_file_exposure(path: &Path) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o004 != 0 {
+        return Some(format!(
+            "{} is readable by every user (mode {mode:04o}); chmod o-r it",
+            path.display()
+        ));
+    }
+    if mode & 0o040 != 0 && Some(meta.gid()) != effective_gid() {
+        return Some(format!(
+            "{} is readable by group {} (mode {mode:04o}), which is not the agent's group; chmod g-r it",
+            path.display(),
+            meta.gid()
+        ));
+    }
+    None
+}
+
+/// The effective gid from `/proc/self/status` (`Gid: real effective saved fs`).
+fn effective_gid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Gid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// The effective uid is the owner of `/proc/self`; avoids `unsafe` for `geteuid`.
@@ -819,6 +862,35 @@ mod tests {
         let shown = cfg.to_redacted_toml();
         assert!(shown.contains("access_token = \"<redacted>\""), "{shown}");
         assert!(!shown.contains("abc"), "{shown}");
+    }
+
+    #[test]
+    fn world_readable_token_files_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("c.toml");
+        std::fs::write(&cfg_path, "[api]\naccess_token = \"x\"\n").unwrap();
+        std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cfg = Config::load(
+            &Overrides {
+                config: Some(cfg_path.clone()),
+                ..Default::default()
+            },
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+        assert!(cfg.warnings[0].contains("readable by every user"));
+        std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = Config::load(
+            &Overrides {
+                config: Some(cfg_path),
+                ..Default::default()
+            },
+            &|_| None,
+        )
+        .unwrap();
+        assert!(cfg.warnings.is_empty());
     }
 
     #[test]

@@ -297,6 +297,10 @@ fn load_state(store: &StateStore) -> Option<State> {
     if let Ok(Some(w)) = store.ensure_dir() {
         warn!("{w}");
     }
+    let stale = store.remove_stale_temp_files();
+    if stale > 0 {
+        info!("removed {stale} temp file(s) left by an interrupted state write");
+    }
     match store.load() {
         Ok((state, warnings)) => {
             for w in warnings {

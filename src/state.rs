@@ -15,6 +15,9 @@ use uuid::Uuid;
 
 /// File name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
+/// Temp files of atomic writes: `.state.json.XXXXXX.tmp`.
+const TEMP_PREFIX: &str = ".state.json.";
+const TEMP_SUFFIX: &str = ".tmp";
 /// Only the agent's user may enter the directory.
 const DIR_MODE: u32 = 0o700;
 /// Only the agent's user may read the token.
@@ -272,8 +275,8 @@ impl StateStore {
             .map_err(|e| io("cannot serialize", std::io::Error::other(e)))?;
         // tempfile creates the file with mode 0600 and O_EXCL.
         let mut tmp = tempfile::Builder::new()
-            .prefix(".state.json.")
-            .suffix(".tmp")
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
             .tempfile_in(&self.dir)
             .map_err(|e| io("cannot create temp file for", e))?;
         tmp.write_all(&body)
@@ -303,6 +306,23 @@ impl StateStore {
                 source,
             }),
         }
+    }
+
+    /// Removes temp files left by a write that was interrupted (SIGKILL, power loss); called
+    /// at start, when this agent is the only writer. Returns how many were removed.
+    pub fn remove_stale_temp_files(&self) -> usize {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
+            })
+            .filter(|e| fs::remove_file(e.path()).is_ok())
+            .count()
     }
 
     /// Moves an unreadable state file aside (kept for inspection) so a fresh one can be written.
@@ -389,6 +409,18 @@ mod tests {
         let aside = store.quarantine().unwrap();
         assert!(aside.exists());
         assert!(store.load().unwrap().0.is_none());
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path());
+        store.save(&sample()).unwrap();
+        fs::write(tmp.path().join(".state.json.abc123.tmp"), "half").unwrap();
+        fs::write(tmp.path().join("unrelated.tmp"), "keep").unwrap();
+        assert_eq!(store.remove_stale_temp_files(), 1);
+        assert!(store.path().exists());
+        assert!(tmp.path().join("unrelated.tmp").exists());
     }
 
     #[test]

@@ -81,15 +81,21 @@ pub fn count_cpu_list(list: &str) -> Option<u32> {
     (total > 0).then_some(total)
 }
 
+/// What `/proc/cpuinfo` says.
 #[derive(Debug, Default)]
-struct Parsed {
-    processors: u32,
-    model: Option<String>,
-    sockets: Option<u32>,
-    cores: Option<u32>,
+pub struct Parsed {
+    /// `processor` entries.
+    pub processors: u32,
+    /// First model name.
+    pub model: Option<String>,
+    /// Distinct `physical id`s.
+    pub sockets: Option<u32>,
+    /// Distinct (`physical id`, `core id`) pairs.
+    pub cores: Option<u32>,
 }
 
-fn parse_cpuinfo(text: &str) -> Parsed {
+/// Parses `/proc/cpuinfo` text (x86 and Arm layouts).
+pub fn parse_cpuinfo(text: &str) -> Parsed {
     let mut p = Parsed::default();
     let mut sockets = HashSet::new();
     let mut cores = HashSet::new();

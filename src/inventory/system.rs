@@ -12,7 +12,8 @@ pub fn os_name(root: &Path) -> String {
         .unwrap_or_else(|| "Linux".to_string())
 }
 
-fn parse_os_release(text: &str) -> Option<String> {
+/// `PRETTY_NAME` (or `NAME VERSION_ID`) of os-release text.
+pub fn parse_os_release(text: &str) -> Option<String> {
     let get = |key: &str| {
         text.lines().find_map(|l| {
             let v = l.trim().strip_prefix(key)?.strip_prefix('=')?;

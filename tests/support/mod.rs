@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers};
 
+pub mod hostile;
+
 pub const NODE_ID: &str = "0d9c2f4e-8a51-4c1b-9e62-3f7a1b2c4d5e";
 pub const BOOT: &str = "boot-token-SECRET-0001";
 pub const REGISTER_TOKEN: &str = "register-SECRET-token-77";
@@ -53,6 +55,8 @@ pub struct ApiState {
     pub always: Option<u16>,
     /// Hostnames registered through self-register.
     pub registered_hosts: Vec<String>,
+    /// For each issued token, the token whose use produced it.
+    pub parents: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -138,6 +142,7 @@ impl Respond for Responder {
                 st.nodes.push(id.clone());
                 let token = format!("registered-SECRET-{n}");
                 st.issued.push(token.clone());
+                st.parents.push(String::new());
                 st.accepted = vec![token.clone()];
                 seen.status = 201;
                 ResponseTemplate::new(201).set_body_raw(
@@ -166,11 +171,20 @@ impl Respond for Responder {
             } else {
                 let n = st.issued.len() + 1;
                 let next = format!("rotated-SECRET-{n:05}");
+                // Rotation as a careful API does it: using a token retires every token issued
+                // before it, but not the ones issued after it (a crash between issue and
+                // persist leaves the agent with the older one, which must still work).
+                let used_at = st.issued.iter().position(|t| t == token);
+                let issued = st.issued.clone();
+                st.accepted
+                    .retain(|t| match (used_at, issued.iter().position(|x| x == t)) {
+                        (Some(u), Some(i)) => i >= u,
+                        (Some(_), None) => false, // bootstrap: retired once a rotated one is used
+                        (None, _) => true,
+                    });
                 st.issued.push(next.clone());
-                // The API accepts the newest token and the one before it (a crash between
-                // issue and persist leaves the agent with the older one).
-                let prev = st.issued.len().checked_sub(2).map(|i| st.issued[i].clone());
-                st.accepted = prev.into_iter().chain([next.clone()]).collect();
+                st.parents.push(token.to_string());
+                st.accepted.push(next.clone());
                 let mut body = serde_json::json!({
                     "node_id": node,
                     "next_access_token": next,
@@ -244,11 +258,11 @@ impl StandIn {
     pub async fn wait_requests(&self, n: usize, within: Duration) -> Vec<Seen> {
         let deadline = Instant::now() + within;
         loop {
-            let seen = self.seen();
-            if seen.len() >= n {
-                return seen;
+            if self.count() >= n {
+                return self.seen();
             }
             if Instant::now() > deadline {
+                let seen = self.seen();
                 panic!(
                     "expected {n} requests within {within:?}, got {}: {seen:#?}",
                     seen.len()
@@ -338,13 +352,21 @@ impl Agent {
 
     /// Starts `run` (plus args) in the background, output going to files.
     pub fn spawn(&mut self, args: &[&str]) {
+        self.spawn_env(args, &[]);
+    }
+
+    /// Like `spawn`, with extra environment variables.
+    pub fn spawn_env(&mut self, args: &[&str], env: &[(&str, &str)]) {
         let n = std::fs::read_dir(self.dir.path()).unwrap().count();
         let out = std::fs::File::create(self.dir.path().join(format!("stdout.{n}"))).unwrap();
         let err = std::fs::File::create(self.dir.path().join(format!("stderr.{n}"))).unwrap();
         let mut all = vec!["run"];
         all.extend_from_slice(args);
-        let child = self
-            .command(&all)
+        let mut cmd = self.command(&all);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
