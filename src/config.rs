@@ -281,7 +281,8 @@ pub struct StateConfig {
 /// `[log]`
 #[derive(Debug, Clone, Serialize)]
 pub struct LogConfig {
-    /// An `EnvFilter` directive (`info`, `debug`, `exalsius_node_agent=debug,warn`, …).
+    /// A filter: a level (`info`, `debug`, …) or `target=level` directives
+    /// (`exalsius_node_agent=debug,warn`).
     pub level: String,
     /// Text or JSON.
     pub format: LogFormat,
@@ -548,7 +549,7 @@ fn build(
     } else {
         ("info".to_string(), "default".to_string())
     };
-    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+    if let Err(e) = crate::logging::parse_filter(&level) {
         return Err(invalid(
             &level_origin,
             "log.level",

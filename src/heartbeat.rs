@@ -110,6 +110,7 @@ pub struct Backoff {
     builder: ExponentialBuilder,
     delays: ExponentialBackoff,
     max: Duration,
+    jitter: bool,
 }
 
 impl Backoff {
@@ -124,6 +125,7 @@ impl Backoff {
             builder,
             delays: builder.build(),
             max,
+            jitter: true,
         }
     }
 
@@ -135,7 +137,15 @@ impl Backoff {
 
     /// The next retry delay, jittered.
     pub fn next_delay(&mut self) -> Duration {
-        equal_jitter(self.next_nominal())
+        let d = self.next_nominal();
+        if self.jitter { equal_jitter(d) } else { d }
+    }
+
+    /// Turns the jitter off: for the fleet benchmark, which shows what a fleet without it does
+    /// to the API when it comes back. Never used by the agent itself.
+    pub fn without_jitter(mut self) -> Self {
+        self.jitter = false;
+        self
     }
 
     /// Back to the first delay (after a success).
@@ -326,6 +336,19 @@ fn load_state(store: &StateStore) -> Option<State> {
     }
 }
 
+impl Agent {
+    /// Retries without jitter (fleet benchmark only: demonstrates the synchronized retry storm
+    /// the jitter prevents).
+    pub fn without_backoff_jitter(mut self) -> Self {
+        self.backoff = Backoff::new(
+            self.cfg.heartbeat.initial_backoff,
+            self.cfg.heartbeat.max_backoff,
+        )
+        .without_jitter();
+        self
+    }
+}
+
 /// What the loop does next after an attempt.
 struct Next {
     wait: Duration,
@@ -427,10 +450,21 @@ impl Agent {
                     refresh_deadline = Instant::now() + COLLECT_TIMEOUT;
                 }
                 () = tokio::time::sleep_until(next_beat) => {
-                    let outcome = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Ok(()),
-                        o = self.attempt() => o,
+                    let outcome = {
+                        let attempt = self.attempt();
+                        tokio::pin!(attempt);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => return Ok(()),
+                                o = &mut attempt => break o,
+                                // A slow request must not starve the watchdog.
+                                () = tokio::time::sleep_until(next_watchdog.min(far)), if watchdog_period.is_some() => {
+                                    systemd::watchdog();
+                                    next_watchdog = Instant::now() + watchdog_period.unwrap_or(Duration::from_secs(60));
+                                }
+                            }
+                        }
                     };
                     let next = self.handle(outcome);
                     next_beat = Instant::now() + next.wait;
@@ -525,6 +559,9 @@ impl Agent {
         self.backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
         self.fallback_tried = false;
         self.client = client;
+        for w in &cfg.warnings {
+            warn!("{w}");
+        }
         info!(
             interval = %secs(cfg.heartbeat.interval),
             "configuration reloaded"

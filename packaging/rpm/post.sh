@@ -1,0 +1,12 @@
+# exalsius-node-agent %post: $1 = 1 on install (enable and start), 2 on upgrade (restart if
+# running). An unconfigured agent exits 78 and systemd does not restart it; not an error here.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload >/dev/null 2>&1 || :
+    if [ "$1" -eq 1 ]; then
+        systemctl enable exalsius-node-agent.service >/dev/null 2>&1 || :
+        systemctl start exalsius-node-agent.service >/dev/null 2>&1 || :
+    else
+        systemctl try-restart exalsius-node-agent.service >/dev/null 2>&1 || :
+    fi
+fi
+exit 0
