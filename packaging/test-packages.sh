@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# The proof for the unit and the packages, run by .ci/run:
+#   1. build the .deb and .rpm (and a -2 revision of the .deb for the upgrade test);
+#   2. lintian, rpmlint, the glibc symbol ceiling, rpm metadata, systemd-analyze security;
+#   3. boot a real systemd (Debian bookworm minbase, debootstrap, cached) with systemd-nspawn
+#      and, as an operator would: install, configure, restart, reload, SIGKILL, watchdog,
+#      journal, upgrade, purge; then the .rpm with rpm -i --nodeps in the same container.
+# A stand-in for the API runs on the host's 127.0.0.1, which the container shares.
+# Cleans up what it started. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKG=$PWD/target/packages
+CACHE=${EXALSIUS_CI_CACHE:-/var/cache/exalsius-ci}
+ROOT=$CACHE/bookworm-root
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+NODE=3f1e2d4c-5b6a-4798-8a9b-0c1d2e3f4a5b
+BOOT=bootstrap-SECRET-token-42
+WORK=$(mktemp -d)
+API_LOG=$WORK/api.jsonl
+checks=0
+
+say() { printf '\n== %s\n' "$*"; }
+ok() { checks=$((checks + 1)); printf 'ok   %s\n' "$*"; }
+die() { printf 'FAIL %s\n' "$*" >&2; exit 1; }
+
+STANDIN_PID=
+NSPAWN_PID=
+CPID=
+cleanup() {
+  set +e
+  if [ -n "$CPID" ] && kill -0 "$CPID" 2>/dev/null; then
+    nsenter -t "$CPID" -a systemctl poweroff >/dev/null 2>&1
+    for _ in $(seq 50); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.2; done
+  fi
+  [ -n "$NSPAWN_PID" ] && kill "$NSPAWN_PID" 2>/dev/null
+  [ -n "$STANDIN_PID" ] && kill "$STANDIN_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say "tools"
+missing=()
+for tool in lintian:lintian rpmlint:rpmlint debootstrap:debootstrap systemd-nspawn:systemd-container \
+            rpm:rpm objdump:binutils nsenter:util-linux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+say "build"
+rm -rf "$PKG"
+bash packaging/build.sh "$PKG" >"$WORK/build1.log" 2>&1 || { cat "$WORK/build1.log"; die "build"; }
+DEB_REVISION=2 bash packaging/build.sh "$PKG/upgrade" >"$WORK/build2.log" 2>&1 || { cat "$WORK/build2.log"; die "build -2"; }
+DEB=$(ls "$PKG"/exalsius-node-agent_*-1_amd64.deb)
+DEB2=$(ls "$PKG"/upgrade/exalsius-node-agent_*-2_amd64.deb)
+RPM=$(ls "$PKG"/exalsius-node-agent-*.x86_64.rpm)
+ok "built $(basename "$DEB"), $(basename "$DEB2"), $(basename "$RPM")"
+
+say "static checks"
+# Accepted lintian warnings: initial-upload-closes-no-bugs (not a Debian upload) and
+# non-standard-file-perm for the 0640 config (it may hold the token).
+lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs,non-standard-file-perm "$DEB" \
+  || die "lintian"
+ok "lintian: no errors, no warnings beyond the two accepted"
+rpmlint -c packaging/rpmlint.toml "$RPM" | tee "$WORK/rpmlint.txt"
+grep -q ' 0 errors, 0 warnings' "$WORK/rpmlint.txt" || die "rpmlint"
+ok "rpmlint: 0 errors (accepted findings listed in packaging/rpmlint.toml)"
+max_glibc=$(objdump -T target/assets/exalsius-node-agent | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+[ "$(printf '%s\n2.28\n' "$max_glibc" | sort -V | tail -1)" = "2.28" ] || die "needs glibc $max_glibc > 2.28"
+ok "highest GLIBC_ symbol version: $max_glibc (≤ 2.28)"
+objdump -p target/assets/exalsius-node-agent >"$WORK/objdump.txt"
+grep -q 'NEEDED *libc.so.6' "$WORK/objdump.txt" || die "binary is not dynamically linked against glibc"
+ok "dynamically linked against glibc (can dlopen libnvidia-ml.so.1)"
+depends=$(dpkg-deb -f "$DEB" Depends)
+requires=$(rpm -qp --requires "$RPM" 2>/dev/null)
+grep -q 'libc6 (>= 2.28)' <<<"$depends" || die "deb Depends lacks libc6 (>= 2.28)"
+grep -q 'procps' <<<"$depends" || die "deb Depends lacks procps (/bin/kill)"
+grep -q 'glibc >= 2.28' <<<"$requires" || die "rpm Requires lacks glibc >= 2.28"
+ok "dependencies: libc6 (>= 2.28), procps / glibc >= 2.28"
+dpkg-deb -I "$DEB" conffiles >"$WORK/conffiles"
+rpm -qp --qf '[%{FILENAMES} %{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILEGROUPNAME}\n]' "$RPM" >"$WORK/rpm.files" 2>/dev/null
+grep -qx '/etc/exalsius/node-agent.toml' "$WORK/conffiles" || die "deb conffile"
+grep -qx '/etc/exalsius/node-agent.toml cn -rw-r----- exalsius-agent' "$WORK/rpm.files" || die "rpm %config(noreplace) 0640"
+ok "config is a conffile / %config(noreplace), 0640 root:exalsius-agent"
+dpkg-deb -c "$DEB" >"$WORK/deb.list"
+rpm -qlp "$RPM" >"$WORK/rpm.list" 2>/dev/null
+for f in /usr/bin/exalsius-node-agent /usr/share/man/man1/exalsius-node-agent.1.gz \
+         /usr/share/bash-completion/completions/exalsius-node-agent /usr/share/doc/exalsius-node-agent/README.md; do
+  grep -q " \.$f\$" "$WORK/deb.list" || die "deb lacks $f"
+  grep -qx "$f" "$WORK/rpm.list" || die "rpm lacks $f"
+done
+ok "both packages ship binary, man page, completions, README"
+rpm -qp --scripts "$RPM" >"$WORK/rpm.scripts" 2>/dev/null
+for s in preinstall postinstall preuninstall postuninstall; do
+  grep -q "^$s scriptlet" "$WORK/rpm.scripts" || die "rpm lacks %$s"
+done
+ok "rpm has %pre/%post/%preun/%postun"
+systemd-analyze security --offline=true --threshold=20 --no-pager systemd/exalsius-node-agent.service \
+  | tee "$WORK/security.txt" | tail -1
+grep -q 'Overall exposure level' "$WORK/security.txt" || die "systemd-analyze security"
+ok "systemd-analyze security --offline=true --threshold=20 passes"
+
+say "booted systemd"
+if [ ! -x "$ROOT/lib/systemd/systemd" ]; then
+  rm -rf "$ROOT.tmp"
+  mkdir -p "$CACHE"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,procps,ca-certificates,rpm,passwd \
+    bookworm "$ROOT.tmp" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; die "debootstrap"; }
+  mv "$ROOT.tmp" "$ROOT"
+fi
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+python3 packaging/standin_api.py "$port" "$API_LOG" "$NODE" "$BOOT" &
+STANDIN_PID=$!
+touch "$API_LOG"
+machine=agenttest-$$
+systemd-nspawn -q -D "$ROOT" -x --boot --register=no --keep-unit --console=passive -M "$machine" \
+  --bind-ro="$PKG":/mnt/pkg >"$WORK/nspawn.log" 2>&1 &
+NSPAWN_PID=$!
+for _ in $(seq 100); do
+  CPID=$(pgrep -P "$NSPAWN_PID" -x systemd || true)
+  [ -n "$CPID" ] && break
+  sleep 0.1
+done
+[ -n "$CPID" ] || { cat "$WORK/nspawn.log"; die "container did not boot"; }
+inside() { nsenter -t "$CPID" -a "$@"; }
+state=
+for _ in $(seq 120); do
+  # Early on the container's bus is not up yet: "Failed to connect to bus".
+  state=$(timeout 60 nsenter -t "$CPID" -a systemctl is-system-running --wait 2>/dev/null || true)
+  case "$state" in running | degraded) break ;; esac
+  sleep 0.25
+done
+case "$state" in running | degraded) ;; *) die "container system state: $state" ;; esac
+ok "container booted: systemd $state"
+
+# Helpers reading the stand-in's log.
+requests() { wc -l <"$API_LOG"; }
+wait_requests() { # N TIMEOUT_S
+  for _ in $(seq $(($2 * 10))); do [ "$(requests)" -ge "$1" ] && return 0; sleep 0.1; done
+  die "expected $1 requests at the stand-in, got $(requests)"
+}
+svc() { inside systemctl show -p "$1" --value exalsius-node-agent; }
+wait_prop() { # PROP VALUE TIMEOUT_S
+  for _ in $(seq $(($3 * 10))); do [ "$(svc "$1")" = "$2" ] && return 0; sleep 0.1; done
+  die "$1 is $(svc "$1"), expected $2"
+}
+configure() { # INTERVAL
+  inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
+[api]
+url = "http://127.0.0.1:$port/v1"
+node_id = "$NODE"
+access_token = "$BOOT"
+
+[heartbeat]
+interval = "$1"
+jitter = 0.0
+initial_backoff = "200ms"
+max_backoff = "2s"
+EOF
+}
+
+say "install the .deb"
+inside apt-get install -y -q /mnt/pkg/"$(basename "$DEB")" >"$WORK/apt1.log" 2>&1 || { cat "$WORK/apt1.log"; die "apt-get install"; }
+[ "$(inside systemctl is-enabled exalsius-node-agent)" = enabled ] || die "unit not enabled"
+ok "apt-get install: unit enabled"
+wait_prop ExecMainStatus 78 10
+sleep 6 # RestartSec=5s: a restart would have happened by now
+[ "$(svc NRestarts)" = 0 ] || die "unconfigured agent restarted $(svc NRestarts) times"
+[ "$(svc ActiveState)" = failed ] || die "unconfigured agent: $(svc ActiveState)"
+inside journalctl -u exalsius-node-agent --no-pager >"$WORK/journal0.txt"
+grep -q 'in /etc/exalsius/node-agent.toml' "$WORK/journal0.txt" || die "no message naming the file to edit"
+ok "unconfigured: exit 78, no restart loop, journal names /etc/exalsius/node-agent.toml"
+inside systemd-analyze verify --man=no exalsius-node-agent.service >"$WORK/verify.out" 2>"$WORK/verify.err" || true
+[ ! -s "$WORK/verify.err" ] || { cat "$WORK/verify.err"; die "systemd-analyze verify"; }
+ok "systemd-analyze verify: empty stderr"
+[ "$(inside stat -c '%a %U:%G' /etc/exalsius/node-agent.toml)" = "640 root:exalsius-agent" ] || die "config mode"
+grep -q ':/var/lib/exalsius-node-agent:/usr/sbin/nologin$' <<<"$(inside getent passwd exalsius-agent)" || die "user"
+ok "system user exalsius-agent (nologin, home /var/lib/exalsius-node-agent); config 0640 root:exalsius-agent"
+
+say "configure and restart"
+configure 1s
+inside systemctl restart exalsius-node-agent
+[ "$(inside systemctl is-active exalsius-node-agent)" = active ] || die "not active after restart"
+wait_requests 2 10
+python3 - "$API_LOG" <<'EOF' || die "heartbeat body"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert all(r["status"] == 200 for r in rows), rows
+b = rows[0]["body"]
+assert set(b) >= {"hardware", "software", "system"}, b
+assert b["hardware"]["cpu_cores"] >= 1 and b["system"]["kernel"], b
+EOF
+ok "active after READY; heartbeats arrive with a NodePatchRequest body"
+[ "$(inside stat -c '%a %U' /var/lib/exalsius-node-agent/state.json)" = "600 exalsius-agent" ] || die "state file mode"
+[ "$(inside stat -c '%a' /var/lib/exalsius-node-agent)" = 700 ] || die "state dir mode"
+ok "state file 0600 exalsius-agent in a 0700 directory"
+
+say "reload"
+pid=$(svc MainPID)
+inside sed -i 's/^interval = "1s"/interval = "250ms"/' /etc/exalsius/node-agent.toml
+before=$(requests)
+inside systemctl reload exalsius-node-agent
+sleep 2
+[ "$(svc MainPID)" = "$pid" ] || die "reload changed the PID"
+[ $(($(requests) - before)) -ge 5 ] || die "new interval not in use: $(($(requests) - before)) requests in 2 s"
+ok "systemctl reload: same PID $pid, new 250 ms interval in use"
+
+say "SIGKILL"
+inside kill -KILL "$pid"
+for _ in $(seq 150); do
+  new=$(svc MainPID); [ "$new" != 0 ] && [ "$new" != "$pid" ] && [ "$(svc ActiveState)" = active ] && break; sleep 0.1
+done
+[ "$new" != "$pid" ] && [ "$new" != 0 ] || die "not restarted after SIGKILL"
+before=$(requests)
+wait_requests $((before + 2)) 10
+python3 - "$API_LOG" "$BOOT" "$before" <<'EOF' || die "restart did not use the persisted token"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+after = rows[int(sys.argv[3]):]
+assert all(r["status"] == 200 for r in rows), [r for r in rows if r["status"] != 200]
+assert after[0]["auth"] != "Bearer " + sys.argv[2], "fell back to the bootstrap token"
+EOF
+ok "SIGKILL: systemd restarted it (PID $pid → $new), it used the persisted token, no 401"
+
+say "watchdog"
+inside mkdir -p /etc/systemd/system/exalsius-node-agent.service.d
+printf '[Service]\nWatchdogSec=2s\n' | inside bash -c 'cat > /etc/systemd/system/exalsius-node-agent.service.d/watchdog.conf'
+inside systemctl daemon-reload
+inside systemctl restart exalsius-node-agent
+pid=$(svc MainPID)
+inside kill -STOP "$pid"
+for _ in $(seq 150); do
+  new=$(svc MainPID); [ "$new" != 0 ] && [ "$new" != "$pid" ] && break; sleep 0.1
+done
+[ "$new" != "$pid" ] || die "watchdog did not fire on a frozen loop"
+inside journalctl -u exalsius-node-agent --no-pager >"$WORK/journal1.txt"
+grep -q 'Watchdog timeout' "$WORK/journal1.txt" || die "no watchdog timeout in the journal"
+inside rm -rf /etc/systemd/system/exalsius-node-agent.service.d
+inside systemctl daemon-reload
+inside systemctl restart exalsius-node-agent
+ok "watchdog: frozen loop (SIGSTOP) killed and restarted by systemd (PID $pid → $new)"
+
+say "journal"
+inside journalctl -u exalsius-node-agent --no-pager >"$WORK/journal.txt"
+grep -q 'heartbeat ok' "$WORK/journal.txt" || die "no heartbeat lines in the journal"
+if grep -q 'SECRET' "$WORK/journal.txt"; then die "a token is in the journal"; fi
+ok "journalctl shows the agent's lines ($(wc -l <"$WORK/journal.txt") lines), no token in them"
+
+say "upgrade"
+pid=$(svc MainPID)
+token_before=$(inside python3 -c 'import json; print(json.load(open("/var/lib/exalsius-node-agent/state.json"))["access_token"])' 2>/dev/null \
+  || inside sed -n 's/.*"access_token": "\(.*\)".*/\1/p' /var/lib/exalsius-node-agent/state.json)
+inside apt-get install -y -q /mnt/pkg/upgrade/"$(basename "$DEB2")" >"$WORK/apt2.log" 2>&1 || { cat "$WORK/apt2.log"; die "upgrade"; }
+[ "$(inside dpkg-query -W -f '${Version}' exalsius-node-agent)" = "$(basename "$DEB2" | sed 's/.*_\(.*\)_amd64.deb/\1/')" ] || die "version"
+inside grep -q "127.0.0.1:$port" /etc/exalsius/node-agent.toml || die "upgrade replaced the edited config"
+for _ in $(seq 100); do new=$(svc MainPID); [ "$new" != "$pid" ] && [ "$new" != 0 ] && break; sleep 0.1; done
+[ "$new" != "$pid" ] || die "not restarted on upgrade"
+[ -n "$token_before" ] || die "no token in the state before the upgrade"
+before=$(requests)
+wait_requests $((before + 2)) 10
+python3 - "$API_LOG" <<'EOF' || die "401 after upgrade"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert all(r["status"] == 200 for r in rows)
+EOF
+ok "upgrade to -2: config kept, state kept (no 401), service restarted (PID $pid → $new)"
+
+say "purge"
+inside apt-get purge -y -q exalsius-node-agent >"$WORK/apt3.log" 2>&1 || { cat "$WORK/apt3.log"; die "purge"; }
+inside test ! -e /var/lib/exalsius-node-agent || die "state dir survived purge"
+inside test ! -e /etc/exalsius/node-agent.toml || die "config survived purge"
+inside test ! -e /lib/systemd/system/exalsius-node-agent.service || die "unit survived purge"
+[ "$(inside systemctl is-active exalsius-node-agent || true)" != active ] || die "still running after purge"
+ok "apt-get purge: state, config and unit gone, service stopped"
+
+say "the .rpm in the same booted container"
+inside userdel exalsius-agent 2>/dev/null || true
+inside rpm -i --nodeps /mnt/pkg/"$(basename "$RPM")" >"$WORK/rpm.log" 2>&1 || { cat "$WORK/rpm.log"; die "rpm -i"; }
+inside getent passwd exalsius-agent >/dev/null || die "%pre did not create the user"
+[ "$(inside stat -c '%a %U:%G' /etc/exalsius/node-agent.toml)" = "640 root:exalsius-agent" ] || die "rpm config mode"
+[ "$(inside systemctl is-enabled exalsius-node-agent)" = enabled ] || die "%post did not enable the unit"
+wait_prop ExecMainStatus 78 10
+ok "rpm -i: %pre created the user, %post enabled and started the unit (unconfigured → 78)"
+configure 1s
+before=$(requests)
+inside systemctl restart exalsius-node-agent
+wait_requests $((before + 2)) 10
+ok "rpm-installed agent heartbeats after configuration"
+inside rpm -e exalsius-node-agent >"$WORK/rpm-e.log" 2>&1 || { cat "$WORK/rpm-e.log"; die "rpm -e"; }
+[ "$(inside systemctl is-active exalsius-node-agent || true)" != active ] || die "%preun did not stop it"
+inside test ! -e /var/lib/exalsius-node-agent || die "%postun left the state"
+ok "rpm -e: %preun stopped and disabled, %postun removed the state"
+
+say "done: $checks checks passed"
