@@ -5,7 +5,7 @@
 //! token is sent once and never written or logged.
 
 use crate::api::{ApiClient, FailureKind, NodeHardware, NodeSoftware, NodeSystem};
-use crate::app::{EXIT_FAILURE, load_or_report};
+use crate::app::{EXIT_FAILURE, load_or_report, runtime};
 use crate::cli::RegisterArgs;
 use crate::config::{Config, EX_CONFIG, Overrides};
 use crate::heartbeat::Backoff;
@@ -162,15 +162,9 @@ pub fn command(overrides: &Overrides, args: &RegisterArgs) -> u8 {
         Err(_) => {}
     }
 
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("exalsius-node-agent: cannot start the runtime: {e}");
-            return EXIT_FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(register(&cfg, args, &token, &store)) {
         Ok(node_id) => {

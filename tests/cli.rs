@@ -21,19 +21,7 @@ fn fixtures(kind: &str) -> Vec<std::path::PathBuf> {
 }
 
 fn agent_cmd() -> Command {
-    let mut c = Command::new(bin());
-    for v in [
-        "EXALSIUS_AGENT_CONFIG",
-        "EXALSIUS_API_URL",
-        "EXALSIUS_NODE_ID",
-        "EXALSIUS_ACCESS_TOKEN",
-        "EXALSIUS_STATE_DIR",
-        "EXALSIUS_LOG",
-        "RUST_LOG",
-    ] {
-        c.env_remove(v);
-    }
-    c
+    clean_command()
 }
 
 /// The key each invalid fixture must name.

@@ -19,7 +19,12 @@ pub fn total_bytes() -> u64 {
 
 /// Bytes → GiB rounded to nearest, saturating at `i32::MAX` (the API's int32).
 pub fn gib_rounded(bytes: u64) -> i32 {
-    let g = (bytes as f64 / GIB).round();
+    units_rounded(bytes, GIB)
+}
+
+/// `bytes / unit` rounded to nearest, saturating at `i32::MAX` (the API's integers are int32).
+pub fn units_rounded(bytes: u64, unit: f64) -> i32 {
+    let g = (bytes as f64 / unit).round();
     if g >= f64::from(i32::MAX) {
         i32::MAX
     } else {

@@ -73,12 +73,7 @@ pub fn root_filesystem_bytes() -> u64 {
 
 /// Bytes → GB (10^9) rounded to nearest, saturating at `i32::MAX`.
 pub fn gb_rounded(bytes: u64) -> i32 {
-    let g = (bytes as f64 / 1e9).round();
-    if g >= f64::from(i32::MAX) {
-        i32::MAX
-    } else {
-        g as i32
-    }
+    super::memory::units_rounded(bytes, 1e9)
 }
 
 #[cfg(test)]

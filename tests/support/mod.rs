@@ -283,6 +283,37 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_exalsius-node-agent")
 }
 
+/// The binary with none of the caller's agent, proxy or systemd variables.
+pub fn clean_command() -> Command {
+    let mut c = Command::new(bin());
+    for v in [
+        "EXALSIUS_AGENT_CONFIG",
+        "EXALSIUS_API_URL",
+        "EXALSIUS_NODE_ID",
+        "EXALSIUS_ACCESS_TOKEN",
+        "EXALSIUS_STATE_DIR",
+        "EXALSIUS_REGISTER_TOKEN",
+        "EXALSIUS_LOG",
+        "RUST_LOG",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        c.env_remove(v);
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
 /// A config pointing at `url` with fast test timings; `extra` is appended (TOML).
 pub fn config_text(url: &str, extra: &str) -> String {
     format!(
@@ -325,28 +356,8 @@ impl Agent {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
+        let mut c = clean_command();
         c.arg("--config").arg(self.config_path()).args(args);
-        for v in [
-            "EXALSIUS_AGENT_CONFIG",
-            "EXALSIUS_API_URL",
-            "EXALSIUS_NODE_ID",
-            "EXALSIUS_ACCESS_TOKEN",
-            "EXALSIUS_STATE_DIR",
-            "EXALSIUS_LOG",
-            "RUST_LOG",
-            "NOTIFY_SOCKET",
-            "JOURNAL_STREAM",
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-        ] {
-            c.env_remove(v);
-        }
-        c.stdin(Stdio::null());
         c
     }
 
