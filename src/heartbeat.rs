@@ -336,6 +336,15 @@ fn load_state(store: &StateStore) -> Option<State> {
     }
 }
 
+/// What the loop does next after an attempt.
+struct Next {
+    wait: Duration,
+    /// The failure, when the attempt failed.
+    failure: Option<Failure>,
+    /// Retry at once with the bootstrap token (not counted as an attempt by `--once`).
+    fallback: bool,
+}
+
 impl Agent {
     /// Retries without jitter (fleet benchmark only: demonstrates the synchronized retry storm
     /// the jitter prevents).
@@ -347,18 +356,7 @@ impl Agent {
         .without_jitter();
         self
     }
-}
 
-/// What the loop does next after an attempt.
-struct Next {
-    wait: Duration,
-    /// The failure, when the attempt failed.
-    failure: Option<Failure>,
-    /// Retry at once with the bootstrap token (not counted as an attempt by `--once`).
-    fallback: bool,
-}
-
-impl Agent {
     /// Runs until shutdown (daemon, dry run) or one heartbeat is done (`--once`).
     pub async fn run(mut self, mut control: Control) -> Result<(), RunError> {
         let shutdown = control.shutdown.clone();
