@@ -14,6 +14,18 @@ fn collect(root: &Path, mode: GpuMode, nvml: Option<&Path>) -> Inventory {
     HostCollector::with_root(root, mode, nvml).collect()
 }
 
+/// The test config with GPU discovery through the stub NVML at `lib`.
+fn nvml_config(url: &str, lib: &Path, mode: &str, refresh: Option<&str>) -> String {
+    let refresh = refresh.map_or(String::new(), |r| format!("refresh_interval = \"{r}\"\n"));
+    config_text(url, "").replace(
+        "[inventory]\ngpu = \"off\"\n",
+        &format!(
+            "[inventory]\ngpu = \"{mode}\"\n{refresh}nvml_library = \"{}\"\n",
+            lib.display()
+        ),
+    )
+}
+
 fn body(inv: &Inventory) -> serde_json::Value {
     serde_json::to_value(exalsius_node_agent::api::NodePatchRequest::new(
         &inv.specs, None,
@@ -216,13 +228,7 @@ async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
     let api = StandIn::start().await;
     let mut agent = Agent::new();
     let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
-    agent.write_config(&config_text(&api.url(), "").replace(
-        "[inventory]\ngpu = \"off\"\n",
-        &format!(
-            "[inventory]\ngpu = \"auto\"\nrefresh_interval = \"200ms\"\nnvml_library = \"{}\"\n",
-            lib.display()
-        ),
-    ));
+    agent.write_config(&nvml_config(&api.url(), &lib, "auto", Some("200ms")));
     agent.spawn(&[]);
     let seen = api.wait_requests(2, Duration::from_secs(10)).await;
     let first: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
@@ -259,13 +265,7 @@ async fn daemon_heartbeats_when_the_driver_is_not_loaded() {
     let api = StandIn::start().await;
     let mut agent = Agent::new();
     let lib = build_fake_nvml(agent.dir.path(), "init_result=9\n");
-    agent.write_config(&config_text(&api.url(), "").replace(
-        "[inventory]\ngpu = \"off\"\n",
-        &format!(
-            "[inventory]\ngpu = \"auto\"\nnvml_library = \"{}\"\n",
-            lib.display()
-        ),
-    ));
+    agent.write_config(&nvml_config(&api.url(), &lib, "auto", None));
     agent.spawn(&[]);
     let seen = api.wait_requests(3, Duration::from_secs(10)).await;
     agent.stop();
@@ -282,13 +282,7 @@ async fn a_gpu_that_falls_off_the_bus_is_logged_and_the_count_drops() {
     let api = StandIn::start().await;
     let mut agent = Agent::new();
     let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
-    agent.write_config(&config_text(&api.url(), "").replace(
-        "[inventory]\ngpu = \"off\"\n",
-        &format!(
-            "[inventory]\ngpu = \"nvml\"\nrefresh_interval = \"200ms\"\nnvml_library = \"{}\"\n",
-            lib.display()
-        ),
-    ));
+    agent.write_config(&nvml_config(&api.url(), &lib, "nvml", Some("200ms")));
     agent.spawn(&[]);
     api.wait_requests(1, Duration::from_secs(10)).await;
     set_fake_nvml(agent.dir.path(), "count=8\nlost_index=5\n");
