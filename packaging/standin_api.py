@@ -5,7 +5,10 @@ token retires every token issued before it; tokens issued after it stay valid (s
 killed between issue and persist still works). Every request is appended to a JSON-lines log:
 {"t": epoch seconds, "node": id, "auth": header, "status": code, "body": parsed JSON or null}.
 
-Usage: python3 standin_api.py PORT LOGFILE NODE_ID BOOTSTRAP_TOKEN
+POST /v1/node/self-register with REGISTER_TOKEN registers REGISTERED_NODE and issues its
+first token; that node's tokens rotate the same way, independently of NODE_ID's.
+
+Usage: python3 standin_api.py PORT LOGFILE NODE_ID BOOTSTRAP_TOKEN REGISTER_TOKEN
 """
 import http.server
 import json
@@ -14,14 +17,64 @@ import sys
 import threading
 import time
 
-port, log_path, node_id, boot = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+port, log_path, node_id, boot, register_token = (
+    int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+REGISTERED_NODE = "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d"
 lock = threading.Lock()
-issued = []  # tokens in issue order
-accepted = {boot}
+# Per node: tokens in issue order, the tokens accepted now, and its bootstrap token.
+nodes = {node_id: {"issued": [], "accepted": {boot}, "boot": boot}}
+counter = [0]
+
+
+def issue(node):
+    counter[0] += 1
+    new = "standin-SECRET-%05d" % counter[0]
+    node["issued"].append(new)
+    node["accepted"].add(new)
+    return new
+
+
+def log(entry):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(dict(entry, t=time.time())) + "\n")
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def answer(self, status, answer):
+        out = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if status < 300 else "application/problem+json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except ValueError:
+            body = None
+        with lock:
+            if not self.path.endswith("/node/self-register") or not isinstance(body, dict):
+                status, answer = 404, {"detail": {"type": "x", "title": "Not Found", "status": 404,
+                                                  "detail": "no such route", "instance": self.path}}
+            elif body.get("register_token") != register_token:
+                status, answer = 401, {"detail": {"type": "x", "title": "Unauthorized", "status": 401,
+                                                  "detail": "register token rejected", "instance": self.path}}
+            elif REGISTERED_NODE in nodes:
+                status, answer = 409, {"detail": {"type": "x", "title": "Conflict", "status": 409,
+                                                  "detail": "node exists", "instance": self.path}}
+            else:
+                nodes[REGISTERED_NODE] = {"issued": [], "accepted": set(), "boot": None}
+                status, answer = 201, {"node_id": REGISTERED_NODE,
+                                       "next_access_token": issue(nodes[REGISTERED_NODE]),
+                                       "next_access_token_expires_in": 3600,
+                                       "next_access_token_type": "Bearer"}
+            log({"method": "POST", "node": None, "auth": self.headers.get("Authorization", ""),
+                 "status": status, "body": None})
+        self.answer(status, answer)
 
     def do_PATCH(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -34,33 +87,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
         node = self.path.rstrip("/").rsplit("/", 1)[-1]
         with lock:
-            if node != node_id:
+            entry = nodes.get(node)
+            if entry is None:
                 status, answer = 404, {"detail": {"type": "x", "title": "Not Found", "status": 404,
                                                   "detail": "no such node", "instance": self.path}}
-            elif token not in accepted:
+            elif token not in entry["accepted"]:
                 status, answer = 401, {"detail": {"type": "x", "title": "Unauthorized", "status": 401,
                                                   "detail": "token rejected", "instance": self.path}}
             else:
-                new = "standin-SECRET-%05d" % (len(issued) + 1)
-                if token in issued:
-                    used_at = issued.index(token)
-                    for old in issued[:used_at]:
-                        accepted.discard(old)
-                    accepted.discard(boot)
-                issued.append(new)
-                accepted.add(new)
-                status, answer = 200, {"node_id": node, "next_access_token": new,
+                if token in entry["issued"]:
+                    used_at = entry["issued"].index(token)
+                    for old in entry["issued"][:used_at]:
+                        entry["accepted"].discard(old)
+                    entry["accepted"].discard(entry["boot"])
+                status, answer = 200, {"node_id": node, "next_access_token": issue(entry),
                                        "next_access_token_expires_in": 3600,
                                        "next_access_token_type": "Bearer"}
-            with open(log_path, "a") as log:
-                log.write(json.dumps({"t": time.time(), "node": node, "auth": auth,
-                                      "status": status, "body": body}) + "\n")
-        out = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json" if status == 200 else "application/problem+json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
+            log({"method": "PATCH", "node": node, "auth": auth, "status": status, "body": body})
+        self.answer(status, answer)
 
     def log_message(self, *args):
         pass

@@ -16,6 +16,8 @@ ROOT=$CACHE/bookworm-root
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 NODE=3f1e2d4c-5b6a-4798-8a9b-0c1d2e3f4a5b
 BOOT=bootstrap-SECRET-token-42
+REGTOKEN=register-SECRET-token-7
+REG_NODE=5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d
 WORK=$(mktemp -d)
 API_LOG=$WORK/api.jsonl
 checks=0
@@ -112,7 +114,7 @@ if [ ! -x "$ROOT/lib/systemd/systemd" ]; then
   mv "$ROOT.tmp" "$ROOT"
 fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-python3 packaging/standin_api.py "$port" "$API_LOG" "$NODE" "$BOOT" &
+python3 packaging/standin_api.py "$port" "$API_LOG" "$NODE" "$BOOT" "$REGTOKEN" &
 STANDIN_PID=$!
 touch "$API_LOG"
 machine=agenttest-$$
@@ -179,6 +181,41 @@ ok "systemd-analyze verify: empty stderr"
 [ "$(inside stat -c '%a %U:%G' /etc/exalsius/node-agent.toml)" = "640 root:exalsius-agent" ] || die "config mode"
 grep -q ':/var/lib/exalsius-node-agent:/usr/sbin/nologin$' <<<"$(inside getent passwd exalsius-agent)" || die "user"
 ok "system user exalsius-agent (nologin, home /var/lib/exalsius-node-agent); config 0640 root:exalsius-agent"
+
+say "register as root, then systemctl enable --now (the README's flow, verbatim but for sudo)"
+inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
+[api]
+url = "http://127.0.0.1:$port/v1"
+
+[heartbeat]
+interval = "1s"
+jitter = 0.0
+EOF
+[ "$(inside stat -c '%a %U' /var/lib/exalsius-node-agent)" = "700 exalsius-agent" ] || die "state dir not the service user's"
+inside env EXALSIUS_REGISTER_TOKEN="$REGTOKEN" exalsius-node-agent register \
+  --endpoint 192.0.2.7:22 --username ubuntu --ssh-key-id KEY_ID >"$WORK/register.log" 2>&1 \
+  || { cat "$WORK/register.log"; die "register as root"; }
+[ "$(inside stat -c '%a %U' /var/lib/exalsius-node-agent/state.json)" = "600 exalsius-agent" ] \
+  || die "root's register left $(inside stat -c '%a %U' /var/lib/exalsius-node-agent/state.json)"
+ok "register as root: state.json 0600 owned by exalsius-agent in its 0700 directory"
+inside systemctl enable --now exalsius-node-agent
+beats() { python3 - "$API_LOG" "$REG_NODE" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert rows and rows[0]["method"] == "POST" and rows[0]["status"] == 201, rows[:1]
+beats = [r for r in rows if r["node"] == sys.argv[2]]
+assert all(r["status"] == 200 for r in beats), beats
+print(len(beats))
+EOF
+}
+for _ in $(seq 100); do [ "$(beats 2>/dev/null || echo 0)" -ge 2 ] && break; sleep 0.1; done
+[ "$(beats)" -ge 2 ] || { inside journalctl -u exalsius-node-agent --no-pager | tail -20; die "registered node did not heartbeat"; }
+[ "$(svc ExecMainStatus)" != 78 ] || die "service exited 78"
+[ "$(inside stat -c '%U' /var/lib/exalsius-node-agent/state.json)" = exalsius-agent ] || die "state owner"
+ok "systemctl enable --now: the service reads the registration and heartbeats rotate its token"
+inside systemctl stop exalsius-node-agent
+inside rm -f /var/lib/exalsius-node-agent/state.json
+: >"$API_LOG"
 
 say "configure and restart"
 configure 1s
@@ -291,7 +328,7 @@ wait_requests $((before + 2)) 10
 ok "rpm-installed agent heartbeats after configuration"
 inside rpm -e exalsius-node-agent >"$WORK/rpm-e.log" 2>&1 || { cat "$WORK/rpm-e.log"; die "rpm -e"; }
 [ "$(inside systemctl is-active exalsius-node-agent || true)" != active ] || die "%preun did not stop it"
-inside test ! -e /var/lib/exalsius-node-agent || die "%postun left the state"
-ok "rpm -e: %preun stopped and disabled, %postun removed the state"
+inside test -f /var/lib/exalsius-node-agent/state.json || die "rpm -e removed the state"
+ok "rpm -e: %preun stopped and disabled; the state (token) is kept, as Debian's remove keeps it"
 
 say "done: $checks checks passed"

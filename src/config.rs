@@ -644,7 +644,7 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// `$STATE_DIRECTORY` (systemd) > root's `/var/lib/…` > `$XDG_STATE_HOME/exalsius-node-agent`.
-fn default_state_dir(env: EnvLookup<'_>) -> PathBuf {
+pub fn default_state_dir(env: EnvLookup<'_>) -> PathBuf {
     if let Some(dirs) = env("STATE_DIRECTORY") {
         // systemd may list several, separated by ':'; ours is the first.
         if let Some(first) = dirs.split(':').find(|d| !d.is_empty()) {
@@ -692,10 +692,7 @@ fn effective_gid() -> Option<u32> {
 }
 
 /// The effective uid is the owner of `/proc/self`; avoids `unsafe` for `geteuid`.
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
+use crate::perms::is_root;
 
 #[cfg(test)]
 mod tests {

@@ -9,9 +9,10 @@ use crate::app::{EXIT_FAILURE, load_or_report, runtime};
 use crate::cli::RegisterArgs;
 use crate::config::{Config, EX_CONFIG, Overrides};
 use crate::heartbeat::Backoff;
+use crate::heartbeat::credentials::registered_state;
 use crate::inventory::{Collector, HostCollector};
 use crate::secret::Secret;
-use crate::state::{State, StateStore};
+use crate::state::{LockError, StateStore};
 use serde::Serialize;
 use std::net::Ipv6Addr;
 use std::time::{Duration, SystemTime};
@@ -143,6 +144,25 @@ pub fn command(overrides: &Overrides, args: &RegisterArgs) -> u8 {
     crate::logging::init(&cfg.log.level, cfg.log.format);
 
     let store = StateStore::new(&cfg.state.dir);
+    // One writer per state directory: a running agent would overwrite the new registration
+    // with its next save. Taking the lock also proves the directory is writable before the
+    // API is asked to register anything.
+    let _lock = match store.lock() {
+        Ok(l) => l,
+        Err(e @ LockError::Held { .. }) => {
+            eprintln!(
+                "exalsius-node-agent: {e}; then run this register command again, and start the service afterwards: systemctl start exalsius-node-agent"
+            );
+            return EXIT_FAILURE;
+        }
+        Err(LockError::State(e)) => {
+            eprintln!(
+                "exalsius-node-agent: cannot write the state in {}: {e}; nothing was registered",
+                store.dir().display()
+            );
+            return EXIT_FAILURE;
+        }
+    };
     match store.load() {
         Ok((Some(existing), _)) if !args.force => {
             eprintln!(
@@ -170,8 +190,23 @@ pub fn command(overrides: &Overrides, args: &RegisterArgs) -> u8 {
         Ok(node_id) => {
             println!("registered node {node_id} with {}", cfg.api.url);
             println!("state written to {}", store.path().display());
-            println!("next: systemctl enable --now exalsius-node-agent");
-            println!("   or: exalsius-node-agent run   (in the foreground)");
+            // A non-root user without a configured state dir registers into its own
+            // $XDG_STATE_HOME, which the system service never reads.
+            let users_own = !crate::perms::is_root()
+                && store.dir() == crate::config::default_state_dir(&crate::config::process_env)
+                && store.dir() != std::path::Path::new(crate::config::DEFAULT_STATE_DIR);
+            if users_own {
+                println!(
+                    "note: the system service reads {}, not {}: it will not see this registration; \
+                     to register for the service, run this command as root (sudo -E …)",
+                    crate::config::DEFAULT_STATE_DIR,
+                    store.dir().display()
+                );
+                println!("next: exalsius-node-agent run   (in the foreground, as this user)");
+            } else {
+                println!("next: systemctl enable --now exalsius-node-agent");
+                println!("   or: exalsius-node-agent run   (in the foreground)");
+            }
             0
         }
         Err(Failed::Config(m)) => invalid(m),
@@ -214,12 +249,19 @@ async fn register(
     let url = format!("{}/node/self-register", cfg.api.url);
     let mut backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
     let mut attempt = 0;
+    // An attempt that got no answer (a timeout, a reset) may still have registered the node.
+    let mut maybe_registered = false;
     let success = loop {
         attempt += 1;
         match client.post_json(&url, body.clone()).await {
             Ok(s) => break s,
             Err(f) => {
                 let msg = match (f.kind, f.status) {
+                    (FailureKind::Conflict, _) if maybe_registered => format!(
+                        "{f}: an earlier attempt got no answer and may have registered this node \
+                         ({hostname}) already, but its token was never received; remove the node \
+                         from the pool (or ask exalsius support for its token) and register again"
+                    ),
                     (FailureKind::Unauthorized, _) => {
                         format!("{f}: the registration token is invalid or expired; get a new one")
                     }
@@ -227,6 +269,8 @@ async fn register(
                         "{f}: a node with this hostname or endpoint already exists in the pool"
                     ),
                     (FailureKind::Retryable, _) if attempt < REGISTER_ATTEMPTS => {
+                        maybe_registered |=
+                            f.status.is_none() || f.status.is_some_and(|s| s >= 500);
                         let wait = backoff
                             .next_delay()
                             .max(f.retry_after.unwrap_or(Duration::ZERO));
@@ -252,22 +296,15 @@ async fn register(
             success.body.node_id
         ))
     })?;
-    let Some(access) = success.body.next_access_token else {
+    for note in &success.body.notes {
+        tracing::warn!("registration answer: {note}");
+    }
+    let Some(issued) = success.body.issued else {
         return Err(Failed::Api(
             "the API registered the node but returned no access token".to_string(),
         ));
     };
-    let now = SystemTime::now();
-    let mut state = State::new(node_id, &cfg.api.url, Secret::new(access), None);
-    state.token_type = success
-        .body
-        .next_access_token_type
-        .filter(|t| !t.trim().is_empty());
-    state.token_expires_at = success
-        .body
-        .next_access_token_expires_in
-        .filter(|&s| s > 0)
-        .and_then(|s| now.checked_add(Duration::from_secs(s.unsigned_abs())));
+    let mut state = registered_state(node_id, &cfg.api.url, issued, SystemTime::now());
     state.description = args.description.clone();
     if args.force {
         match store.backup() {

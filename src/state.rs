@@ -2,12 +2,17 @@
 //!
 //! Written atomically (temp file in the same directory, fsync, rename, fsync of the
 //! directory), mode 0600 in a 0700 directory, so a crash at any moment leaves either the old
-//! or the new file, never a torn one.
+//! or the new file, never a torn one. Nothing here follows a symlink in place of a file
+//! (`O_NOFOLLOW`; permissions fixed on the open descriptor), and files that root writes into
+//! the service user's directory are given to that user.
+//!
+//! One writer per directory: `run` and `register` hold [`StateLock`] (`flock` on `state.lock`,
+//! released by the kernel on any exit, SIGKILL included); `status` reads without it.
 
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -15,6 +20,8 @@ use uuid::Uuid;
 
 /// File name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
+/// The lock file held by the one process that may write the state.
+pub const LOCK_FILE: &str = "state.lock";
 /// Temp files of atomic writes: `.state.json.XXXXXX.tmp`.
 const TEMP_PREFIX: &str = ".state.json.";
 const TEMP_SUFFIX: &str = ".tmp";
@@ -34,6 +41,9 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    /// A symlink or something else that is not a regular file is where the state file belongs.
+    #[error("{path} is {what}, not a regular file; it is not read as state")]
+    NotAFile { path: PathBuf, what: &'static str },
     /// The file is not a state file we understand.
     #[error("state file {path} is not valid: {source}")]
     Corrupt {
@@ -188,40 +198,111 @@ impl StateStore {
         self.dir.join(STATE_FILE)
     }
 
-    /// Loads the state; `Ok(None)` when there is none yet. A state file readable by group or
-    /// others is tightened to 0600 (the returned warnings say so).
+    /// Loads the state; `Ok(None)` when there is none yet. Never follows a symlink and never
+    /// blocks on a FIFO in place of the file ([`StateError::NotAFile`]). A state file readable
+    /// by group or others is tightened to 0600 on the open descriptor (the returned warnings
+    /// say so).
     pub fn load(&self) -> Result<(Option<State>, Vec<String>), StateError> {
         let path = self.path();
         let mut warnings = Vec::new();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
+        let io = |action, source| StateError::Io {
+            action,
+            path: path.clone(),
+            source,
+        };
+        let mut file = match crate::perms::open_read_nofollow(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, warnings)),
-            Err(source) => {
-                return Err(StateError::Io {
-                    action: "cannot read",
+            Err(e) if crate::perms::is_symlink_error(&e) => {
+                return Err(StateError::NotAFile {
                     path,
-                    source,
+                    what: "a symlink",
                 });
             }
+            Err(e) => return Err(io("cannot read", e)),
         };
-        if let Ok(meta) = fs::metadata(&path) {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                match fs::set_permissions(&path, fs::Permissions::from_mode(FILE_MODE)) {
-                    Ok(()) => warnings.push(format!(
-                        "state file {} had mode {mode:04o}; tightened to {FILE_MODE:04o}",
-                        path.display()
-                    )),
-                    Err(e) => warnings.push(format!(
-                        "state file {} has mode {mode:04o} and cannot be tightened: {e}",
-                        path.display()
-                    )),
-                }
+        let meta = file.metadata().map_err(|e| io("cannot read", e))?;
+        if !meta.is_file() {
+            return Err(StateError::NotAFile {
+                path,
+                what: if meta.is_dir() {
+                    "a directory"
+                } else {
+                    "a special file"
+                },
+            });
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            match file.set_permissions(fs::Permissions::from_mode(FILE_MODE)) {
+                Ok(()) => warnings.push(format!(
+                    "state file {} had mode {mode:04o}; tightened to {FILE_MODE:04o}",
+                    path.display()
+                )),
+                Err(e) => warnings.push(format!(
+                    "state file {} has mode {mode:04o} and cannot be tightened: {e}",
+                    path.display()
+                )),
             }
         }
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(|e| io("cannot read", e))?;
         let file: StateFile =
             serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path, source })?;
         Ok((Some(file.into()), warnings))
+    }
+
+    /// Takes the directory's write lock, creating the directory first. `Err(Held)` names the
+    /// process that holds it.
+    pub fn lock(&self) -> Result<StateLock, LockError> {
+        if let Some(w) = self.ensure_dir()? {
+            tracing::warn!("{w}");
+        }
+        let path = self.dir.join(LOCK_FILE);
+        let io = |action, source| {
+            LockError::State(StateError::Io {
+                action,
+                path: path.clone(),
+                source,
+            })
+        };
+        let file = match crate::perms::open_rw_nofollow(&path, FILE_MODE) {
+            Err(e) if crate::perms::is_symlink_error(&e) => {
+                let aside = self.move_aside(LOCK_FILE, "symlink");
+                tracing::warn!(
+                    "{} was a symlink; moved aside to {}",
+                    path.display(),
+                    aside
+                        .as_deref()
+                        .map_or_else(|| "(could not move)".into(), |p| p.display().to_string())
+                );
+                crate::perms::open_rw_nofollow(&path, FILE_MODE)
+            }
+            other => other,
+        }
+        .map_err(|e| io("cannot open lock file", e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let pid = (&file)
+                    .read_to_string(&mut text)
+                    .ok()
+                    .and_then(|_| text.trim().parse().ok());
+                return Err(LockError::Held { path, pid });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io("cannot lock", e)),
+        }
+        crate::perms::give_to_dir_owner(&file, &self.dir)
+            .map_err(|e| io("cannot hand to the state directory's owner", e))?;
+        // The pid is information for the next process that finds the lock held.
+        let _ = file.set_len(0);
+        let _ = (&file).write_all(format!("{}\n", std::process::id()).as_bytes());
+        Ok(StateLock {
+            _file: file,
+            dir: self.dir.clone(),
+        })
     }
 
     /// Creates the directory (0700) or tightens an existing one that is open to group/other.
@@ -279,6 +360,8 @@ impl StateStore {
             .suffix(TEMP_SUFFIX)
             .tempfile_in(&self.dir)
             .map_err(|e| io("cannot create temp file for", e))?;
+        crate::perms::give_to_dir_owner(tmp.as_file(), &self.dir)
+            .map_err(|e| io("cannot hand to the state directory's owner", e))?;
         tmp.write_all(&body)
             .and_then(|()| tmp.write_all(b"\n"))
             .map_err(|e| io("cannot write", e))?;
@@ -308,8 +391,44 @@ impl StateStore {
         }
     }
 
+    /// Moves an unreadable state file aside (kept for inspection) so a fresh one can be written.
+    pub fn quarantine(&self) -> Option<PathBuf> {
+        self.move_aside(STATE_FILE, "corrupt")
+    }
+
+    /// Moves `name` (a file, or a symlink itself: rename never follows) to
+    /// `name.<why>-<unix time>`.
+    pub fn move_aside(&self, name: &str, why: &str) -> Option<PathBuf> {
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = self.dir.join(format!("{name}.{why}-{stamp}"));
+        fs::rename(self.dir.join(name), &aside).ok().map(|()| aside)
+    }
+}
+
+/// Why the state directory's lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("another exalsius-node-agent{} is using the state in {}; stop it first (systemctl stop exalsius-node-agent)", pid.map_or_else(String::new, |p| format!(" (pid {p})")), path.parent().map_or_else(|| path.display().to_string(), |d| d.display().to_string()))]
+    Held { path: PathBuf, pid: Option<u32> },
+    /// The directory or the lock file cannot be used.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Held for as long as this process may write the state; the kernel releases it on exit.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: fs::File,
+    dir: PathBuf,
+}
+
+impl StateLock {
     /// Removes temp files left by a write that was interrupted (SIGKILL, power loss); called
-    /// at start, when this agent is the only writer. Returns how many were removed.
+    /// under the lock, so never while another process writes. Returns how many were removed.
     pub fn remove_stale_temp_files(&self) -> usize {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return 0;
@@ -323,17 +442,6 @@ impl StateStore {
             })
             .filter(|e| fs::remove_file(e.path()).is_ok())
             .count()
-    }
-
-    /// Moves an unreadable state file aside (kept for inspection) so a fresh one can be written.
-    pub fn quarantine(&self) -> Option<PathBuf> {
-        let path = self.path();
-        let stamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let aside = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}"));
-        fs::rename(&path, &aside).ok().map(|()| aside)
     }
 }
 
@@ -418,7 +526,8 @@ mod tests {
         store.save(&sample()).unwrap();
         fs::write(tmp.path().join(".state.json.abc123.tmp"), "half").unwrap();
         fs::write(tmp.path().join("unrelated.tmp"), "keep").unwrap();
-        assert_eq!(store.remove_stale_temp_files(), 1);
+        let lock = store.lock().unwrap();
+        assert_eq!(lock.remove_stale_temp_files(), 1);
         assert!(store.path().exists());
         assert!(tmp.path().join("unrelated.tmp").exists());
     }
@@ -431,5 +540,160 @@ mod tests {
         assert!(s.token_expired(now));
         s.token_expires_at = None;
         assert!(!s.token_expired(now));
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_the_state_file_is_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path().join("s"));
+        store.ensure_dir().unwrap();
+        // The target is a valid state file outside the directory: it must not be read,
+        // chmodded or written through the link.
+        let outside = tmp.path().join("outside.json");
+        StateStore::new(tmp.path()).save(&sample()).unwrap();
+        fs::rename(tmp.path().join(STATE_FILE), &outside).unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o644)).unwrap();
+        let before = fs::read(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, store.path()).unwrap();
+        let e = store.load().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StateError::NotAFile {
+                    what: "a symlink",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("symlink"), "{e}");
+        assert_eq!(
+            fs::metadata(&outside).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // Saving replaces the link itself, not its target.
+        store.save(&sample()).unwrap();
+        assert!(
+            !fs::symlink_metadata(store.path())
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read(&outside).unwrap(), before);
+        // Moving aside moves the link, not the target.
+        std::os::unix::fs::symlink(&outside, store.dir().join("x")).unwrap();
+        let aside = store.move_aside("x", "symlink").unwrap();
+        assert!(
+            fs::symlink_metadata(aside)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert!(outside.exists());
+    }
+
+    #[test]
+    fn a_fifo_or_directory_in_place_of_the_state_file_is_refused_without_blocking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path());
+        let st = std::process::Command::new("mkfifo")
+            .arg(store.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let e = store.load().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StateError::NotAFile {
+                    what: "a special file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        fs::remove_file(store.path()).unwrap();
+        fs::create_dir(store.path()).unwrap();
+        let e = store.load().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StateError::NotAFile {
+                    what: "a directory",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn one_lock_holder_per_directory_and_it_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path().join("s"));
+        let held = store.lock().unwrap();
+        let e = StateStore::new(tmp.path().join("s")).lock().unwrap_err();
+        match &e {
+            LockError::Held { pid, .. } => assert_eq!(*pid, Some(std::process::id())),
+            other => panic!("{other}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("systemctl stop exalsius-node-agent"), "{msg}");
+        drop(held);
+        assert!(store.lock().is_ok());
+        let mode = fs::metadata(store.dir().join(LOCK_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_symlinked_lock_file_is_moved_aside_and_its_target_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path().join("s"));
+        store.ensure_dir().unwrap();
+        let outside = tmp.path().join("victim");
+        fs::write(&outside, "precious").unwrap();
+        std::os::unix::fs::symlink(&outside, store.dir().join(LOCK_FILE)).unwrap();
+        let _lock = store.lock().unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "precious");
+        assert!(
+            fs::symlink_metadata(store.dir().join(LOCK_FILE))
+                .unwrap()
+                .is_file()
+        );
+    }
+
+    /// The packaged flow: root runs `register` into the directory systemd made for the service
+    /// user; the files must belong to that user. Runs only as root (CI is root).
+    #[test]
+    fn files_root_writes_belong_to_the_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !crate::perms::is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65533)).unwrap();
+        let store = StateStore::new(&dir);
+        let _lock = store.lock().unwrap();
+        store.save(&sample()).unwrap();
+        for name in [STATE_FILE, LOCK_FILE] {
+            let m = fs::metadata(dir.join(name)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65533), "{name}");
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{name}");
+        }
+        // A root-owned directory keeps root's files root's.
+        let rootdir = tmp.path().join("r");
+        StateStore::new(&rootdir).save(&sample()).unwrap();
+        assert_eq!(fs::metadata(rootdir.join(STATE_FILE)).unwrap().uid(), 0);
     }
 }

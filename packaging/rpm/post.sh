@@ -1,5 +1,9 @@
 # exalsius-node-agent %post: $1 = 1 on install (enable and start), 2 on upgrade (restart if
 # running). An unconfigured agent exits 78 and systemd does not restart it; not an error here.
+# The state directory belongs to the service user from the start (see the .deb's postinst).
+if [ ! -e /var/lib/exalsius-node-agent ] && [ ! -L /var/lib/exalsius-node-agent ]; then
+    install -d -o exalsius-agent -g exalsius-agent -m 0700 /var/lib/exalsius-node-agent
+fi
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     if [ "$1" -eq 1 ]; then

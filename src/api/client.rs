@@ -2,7 +2,7 @@
 //! classification of every answer into an [`Outcome`] the heartbeat loop can act on.
 
 use super::problem::Problem;
-use super::types::TokenResponse;
+use super::types::{Answer, TokenResponse};
 use crate::config::ApiConfig;
 use crate::secret::Secret;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER};
@@ -16,8 +16,6 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// A `Retry-After` above this is treated as this: an hour without a heartbeat is already an
 /// outage, and a typo on the server must not silence the node for days.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-/// Tokens longer than this are not plausible and would bloat every request.
-const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 /// `User-Agent` of every request.
 pub fn user_agent() -> String {
@@ -88,7 +86,7 @@ pub struct Success {
     /// Time from sending to the whole body.
     pub latency: Duration,
     /// The parsed body.
-    pub body: TokenResponse,
+    pub body: Answer,
 }
 
 /// The result of one request.
@@ -130,15 +128,11 @@ impl ApiClient {
         })
     }
 
-    /// `PATCH url` with a JSON body and the token.
-    pub async fn patch_node(
-        &self,
-        url: &str,
-        token: &Secret,
-        token_type: Option<&str>,
-        body: Vec<u8>,
-    ) -> Outcome {
-        let auth = format!("{} {}", token_type.unwrap_or("Bearer"), token.expose());
+    /// `PATCH url` with a JSON body (empty: a pure heartbeat) and the token. The scheme is
+    /// always spelled `Bearer`: schemes are case-insensitive (RFC 7235), but some gateways
+    /// accept only the canonical spelling, whatever case the API used when it issued the token.
+    pub async fn patch_node(&self, url: &str, token: &Secret, body: Vec<u8>) -> Outcome {
+        let auth = format!("Bearer {}", token.expose());
         let Ok(mut auth) = HeaderValue::from_str(&auth) else {
             return Err(Failure::new(
                 FailureKind::Unauthorized,
@@ -162,8 +156,13 @@ impl ApiClient {
 
     async fn send(&self, req: reqwest::RequestBuilder, body: Vec<u8>) -> Outcome {
         let started = Instant::now();
+        // An empty body is the spec's pure heartbeat: no body, so no content type either.
+        let req = if body.is_empty() {
+            req
+        } else {
+            req.header(CONTENT_TYPE, "application/json")
+        };
         let resp = req
-            .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json, application/problem+json")
             .body(body)
             .send()
@@ -201,25 +200,16 @@ impl ApiClient {
                     format!("HTTP {code} with unexpected content type {ct:?}"),
                 ));
             }
-            let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-                Failure::new(
-                    FailureKind::Retryable,
-                    Some(code),
-                    format!(
-                        "HTTP {code} with an unreadable body ({} bytes): {e}",
-                        body.len()
-                    ),
-                )
-            })?;
-            if let Some(t) = &parsed.next_access_token
-                && let Some(why) = implausible_token(t)
-            {
-                return Err(Failure::new(
-                    FailureKind::Retryable,
-                    Some(code),
-                    format!("HTTP {code} with an unusable next_access_token: {why}"),
-                ));
-            }
+            let parsed = serde_json::from_slice::<TokenResponse>(&body)
+                .map_err(|e| format!("an unreadable body ({} bytes): {e}", body.len()))
+                .and_then(TokenResponse::interpret)
+                .map_err(|m| {
+                    Failure::new(
+                        FailureKind::Retryable,
+                        Some(code),
+                        format!("HTTP {code} with {m}"),
+                    )
+                })?;
             return Ok(Success {
                 status: code,
                 latency: started.elapsed(),
@@ -296,19 +286,6 @@ pub fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
             .unwrap_or(Duration::ZERO)
     };
     Some(d.min(MAX_RETRY_AFTER))
-}
-
-/// Why a token from the server cannot be used, if it cannot.
-fn implausible_token(t: &str) -> Option<&'static str> {
-    if t.is_empty() {
-        Some("empty")
-    } else if t.len() > MAX_TOKEN_LEN {
-        Some("too long")
-    } else if !t.bytes().all(|b| b.is_ascii_graphic()) {
-        Some("contains characters that cannot be sent in a header")
-    } else {
-        None
-    }
 }
 
 /// The error and its causes on one line ("error sending request …: connection refused").
@@ -390,6 +367,7 @@ mod tests {
 
     #[test]
     fn token_plausibility() {
+        use crate::api::types::implausible_token;
         assert!(implausible_token("abc.DEF-123_~+/=").is_none());
         assert!(implausible_token("").is_some());
         assert!(implausible_token("a b").is_some());

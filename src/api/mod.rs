@@ -7,5 +7,6 @@ pub mod types;
 pub use client::{ApiClient, ClientError, Failure, FailureKind, Outcome, Success};
 pub use problem::Problem;
 pub use types::{
-    NodeHardware, NodePatchRequest, NodeSoftware, NodeSpecs, NodeSystem, TokenResponse,
+    Answer, Issued, NodeHardware, NodePatchRequest, NodeSoftware, NodeSpecs, NodeSystem,
+    TokenResponse,
 };

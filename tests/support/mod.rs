@@ -57,6 +57,10 @@ pub struct ApiState {
     pub registered_hosts: Vec<String>,
     /// For each issued token, the token whose use produced it.
     pub parents: Vec<String>,
+    /// Fields merged into every heartbeat 200 (unusual but valid answers).
+    pub extra: Option<serde_json::Value>,
+    /// Answer 422 to every heartbeat that carries a body (an API that disagrees with the specs).
+    pub reject_bodies: bool,
 }
 
 #[derive(Clone)]
@@ -168,6 +172,13 @@ impl Respond for Responder {
             } else if !st.accepted.iter().any(|t| t == token) {
                 seen.status = 401;
                 problem(401, "Unauthorized", "The token is invalid or expired.")
+            } else if st.reject_bodies && !req.body.is_empty() {
+                seen.status = 422;
+                problem(
+                    422,
+                    "Unprocessable Entity",
+                    "hardware.gpu_type: unknown value",
+                )
             } else {
                 let n = st.issued.len() + 1;
                 let next = format!("rotated-SECRET-{n:05}");
@@ -192,6 +203,11 @@ impl Respond for Responder {
                 });
                 if let Some(e) = st.expires_in {
                     body["next_access_token_expires_in"] = e.into();
+                }
+                if let Some(serde_json::Value::Object(extra)) = &st.extra {
+                    for (k, v) in extra {
+                        body[k] = v.clone();
+                    }
                 }
                 seen.status = 200;
                 ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")

@@ -8,15 +8,20 @@
 //! Scheduling uses the monotonic clock (`tokio::time::Instant`); wall-clock time is used only
 //! for token expiry and the timestamps in the state file.
 
+pub mod credentials;
+pub mod schedule;
+
+pub use credentials::{AfterRejection, Credentials, Sending};
+pub use schedule::{Backoff, MIN_TOKEN_REFRESH_WAIT, equal_jitter, jittered, secs};
+
 use crate::api::{
     ApiClient, ClientError, Failure, FailureKind, NodePatchRequest, NodeSpecs, Success,
 };
 use crate::config::{Config, ConfigError};
 use crate::inventory::Collector;
 use crate::secret::Secret;
-use crate::state::{State, StateStore, rfc3339};
+use crate::state::{LockError, State, StateLock, StateStore, rfc3339};
 use crate::systemd;
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,10 +37,6 @@ use uuid::Uuid;
 pub const COLLECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts made by `run --once` before it gives up.
 pub const ONCE_ATTEMPTS: u32 = 3;
-/// A short-lived token never makes the agent heartbeat more often than this (unless the
-/// configured interval is itself shorter): a server that issues tokens valid for 0–1 s must
-/// not turn the agent into a request storm.
-pub const MIN_TOKEN_REFRESH_WAIT: Duration = Duration::from_secs(1);
 
 /// How the loop runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,13 +64,16 @@ pub enum RunError {
     /// `--once` did not get a successful heartbeat.
     #[error("heartbeat failed: {0}")]
     OnceFailed(String),
+    /// Another process writes this state directory.
+    #[error(transparent)]
+    Locked(LockError),
 }
 
 impl RunError {
     /// Process exit code: 78 for configuration problems, 1 for runtime failures.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::OnceFailed(_) => 1,
+            RunError::OnceFailed(_) | RunError::Locked(LockError::Held { .. }) => 1,
             _ => crate::config::EX_CONFIG,
         }
     }
@@ -89,162 +93,6 @@ pub struct Control {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Timing helpers.
-
-/// `interval × (1 ± jitter)`, uniformly.
-pub fn jittered(interval: Duration, jitter: f64) -> Duration {
-    let factor = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
-    interval.mul_f64(factor.max(0.0))
-}
-
-/// "Equal jitter": `d/2 + random(0, d/2)` — never above `d`, never below half of it.
-pub fn equal_jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(fastrand::f64())
-}
-
-/// Exponential retry delays: `min(max, initial × 2^n)` from backon (without its own jitter,
-/// which adds up to +100 % and can overshoot the cap), then equal jitter.
-#[derive(Debug)]
-pub struct Backoff {
-    builder: ExponentialBuilder,
-    delays: ExponentialBackoff,
-    max: Duration,
-    jitter: bool,
-}
-
-impl Backoff {
-    /// Delays from `initial` doubling up to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(initial)
-            .with_max_delay(max)
-            .with_factor(2.0)
-            .without_max_times();
-        Self {
-            builder,
-            delays: builder.build(),
-            max,
-            jitter: true,
-        }
-    }
-
-    /// The nominal delay of the next retry (before jitter).
-    pub fn next_nominal(&mut self) -> Duration {
-        // without_max_times: the iterator never ends; the fallback is the cap.
-        self.delays.next().unwrap_or(self.max)
-    }
-
-    /// The next retry delay, jittered.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next_nominal();
-        if self.jitter { equal_jitter(d) } else { d }
-    }
-
-    /// Turns the jitter off: for the fleet benchmark, which shows what a fleet without it does
-    /// to the API when it comes back. Never used by the agent itself.
-    pub fn without_jitter(mut self) -> Self {
-        self.jitter = false;
-        self
-    }
-
-    /// Back to the first delay (after a success).
-    pub fn reset(&mut self) {
-        self.delays = self.builder.build();
-    }
-}
-
-fn secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Credentials.
-
-/// The node and token to start with, and the bootstrap token to fall back to.
-#[derive(Debug)]
-pub struct Credentials {
-    /// State to start from (in memory; persisted by the loop).
-    pub state: State,
-    /// The configured token, if any (absent for a `register`ed node).
-    pub bootstrap: Option<Secret>,
-    /// Why this state was chosen, for the start-up log line.
-    pub reason: &'static str,
-}
-
-/// Chooses the starting token: the stored one when it belongs to this node, API and bootstrap
-/// token and has not expired; otherwise the configured one.
-pub fn resolve_credentials(
-    cfg: &Config,
-    stored: Option<State>,
-    now: SystemTime,
-) -> Result<Credentials, String> {
-    let file = cfg.file_hint();
-    match (&cfg.api.node_id, &cfg.api.access_token) {
-        (Some(node_id), Some(token)) => {
-            let sha = token.sha256_hex();
-            let reason = match &stored {
-                None => "no state yet: starting from the configured token",
-                Some(s) if s.node_id != *node_id => {
-                    "state is for another node: starting from the configured token"
-                }
-                Some(s) if s.api_url != cfg.api.url => {
-                    "state is for another API URL: starting from the configured token"
-                }
-                Some(s) if s.bootstrap_token_sha256.as_deref() != Some(sha.as_str()) => {
-                    "the configured token changed: starting from it"
-                }
-                Some(s) if s.token_expired(now) => {
-                    "the stored token has expired: starting from the configured token"
-                }
-                Some(_) => "using the stored (rotated) token",
-            };
-            let state = match stored {
-                Some(s) if reason == "using the stored (rotated) token" => s,
-                _ => State::new(*node_id, &cfg.api.url, token.clone(), Some(token)),
-            };
-            Ok(Credentials {
-                state,
-                bootstrap: Some(token.clone()),
-                reason,
-            })
-        }
-        (None, Some(_)) => Err(format!(
-            "api.access_token is set but api.node_id is not: set api.node_id in {file} (or EXALSIUS_NODE_ID)"
-        )),
-        (configured_id, None) => {
-            let Some(s) = stored else {
-                return Err(format!(
-                    "no access token: set api.node_id and api.access_token in {file} \
-                     (or EXALSIUS_NODE_ID / EXALSIUS_ACCESS_TOKEN), or register this node with \
-                     `exalsius-node-agent register`"
-                ));
-            };
-            if let Some(id) = configured_id
-                && *id != s.node_id
-            {
-                return Err(format!(
-                    "api.node_id = {id} in {file} differs from the registered node {} in the state file; \
-                         remove api.node_id or register again with --force",
-                    s.node_id
-                ));
-            }
-            if s.api_url != cfg.api.url {
-                return Err(format!(
-                    "the node was registered with {} but api.url is {} in {file}; make them match",
-                    s.api_url, cfg.api.url
-                ));
-            }
-            Ok(Credentials {
-                state: s,
-                bootstrap: None,
-                reason: "using the registered node's token from the state file",
-            })
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The loop.
 
 /// The running agent.
@@ -253,37 +101,46 @@ pub struct Agent {
     mode: Mode,
     client: ApiClient,
     store: StateStore,
-    state: State,
-    bootstrap: Option<Secret>,
+    /// Held for the agent's lifetime: one writer per state directory (`None` in dry-run).
+    _lock: Option<StateLock>,
+    creds: Credentials,
     backoff: Backoff,
-    fallback_tried: bool,
+    /// The API rejected the last body (400/422): the next attempt is a pure heartbeat.
+    bodyless_next: bool,
     failing_since: Option<SystemTime>,
     specs: Option<Arc<NodeSpecs>>,
     collector: Arc<dyn Collector>,
     collecting: Arc<AtomicBool>,
 }
 
-/// Loads the state, chooses credentials and builds the client: everything that can fail with
-/// a configuration error before the loop starts.
+/// Takes the state directory's lock, loads the state, chooses credentials and builds the
+/// client: everything that can fail before the loop starts.
 pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result<Agent, RunError> {
     let client = ApiClient::new(&cfg.api)?;
     let store = StateStore::new(&cfg.state.dir);
-    let (state, bootstrap) = if mode == Mode::DryRun {
+    let (lock, creds) = if mode == Mode::DryRun {
         // No network, no state: the body is all that matters.
         let id = cfg.api.node_id.unwrap_or(Uuid::nil());
-        (State::new(id, &cfg.api.url, Secret::new(""), None), None)
+        let state = State::new(id, &cfg.api.url, Secret::new(""), None);
+        (None, Credentials::new(state, None))
     } else {
+        let lock = store.lock().map_err(|e| match e {
+            LockError::State(e) => RunError::Credentials(e.to_string()),
+            held => RunError::Locked(held),
+        })?;
+        let stale = lock.remove_stale_temp_files();
+        if stale > 0 {
+            info!("removed {stale} temp file(s) left by an interrupted state write");
+        }
         let stored = load_state(&store);
-        let creds =
-            resolve_credentials(&cfg, stored, SystemTime::now()).map_err(RunError::Credentials)?;
+        let (creds, reason) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
         info!(
-            node_id = %creds.state.node_id,
+            node_id = %creds.state().node_id,
             api = %cfg.api.url,
             state_dir = %store.dir().display(),
-            "{}",
-            creds.reason
+            "{reason}"
         );
-        (creds.state, creds.bootstrap)
+        (Some(lock), creds)
     };
     Ok(Agent {
         backoff: Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff),
@@ -291,9 +148,9 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         mode,
         client,
         store,
-        state,
-        bootstrap,
-        fallback_tried: false,
+        _lock: lock,
+        creds,
+        bodyless_next: false,
         failing_since: None,
         specs: None,
         collector,
@@ -301,16 +158,10 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
     })
 }
 
-/// Reads the state file; an unreadable one is moved aside (kept for inspection) and the agent
-/// starts fresh rather than refusing to run.
+/// Reads the state file (under the lock); an unreadable one, or a symlink or special file in
+/// its place, is moved aside (kept for inspection) and the agent starts fresh rather than
+/// refusing to run.
 fn load_state(store: &StateStore) -> Option<State> {
-    if let Ok(Some(w)) = store.ensure_dir() {
-        warn!("{w}");
-    }
-    let stale = store.remove_stale_temp_files();
-    if stale > 0 {
-        info!("removed {stale} temp file(s) left by an interrupted state write");
-    }
     match store.load() {
         Ok((state, warnings)) => {
             for w in warnings {
@@ -320,13 +171,12 @@ fn load_state(store: &StateStore) -> Option<State> {
         }
         Err(e @ crate::state::StateError::Corrupt { .. }) => {
             let aside = store.quarantine();
-            error!(
-                "{e}; moved aside to {}; starting fresh",
-                aside.map_or_else(
-                    || "(could not move)".to_string(),
-                    |p| p.display().to_string()
-                )
-            );
+            error!("{e}; moved aside to {}; starting fresh", shown(aside));
+            None
+        }
+        Err(e @ crate::state::StateError::NotAFile { .. }) => {
+            let aside = store.move_aside(crate::state::STATE_FILE, "notafile");
+            error!("{e}; moved aside to {}; starting fresh", shown(aside));
             None
         }
         Err(e) => {
@@ -336,13 +186,21 @@ fn load_state(store: &StateStore) -> Option<State> {
     }
 }
 
+fn shown(p: Option<std::path::PathBuf>) -> String {
+    p.map_or_else(
+        || "(could not move)".to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
 /// What the loop does next after an attempt.
 struct Next {
     wait: Duration,
     /// The failure, when the attempt failed.
     failure: Option<Failure>,
-    /// Retry at once with the bootstrap token (not counted as an attempt by `--once`).
-    fallback: bool,
+    /// Retry at once: with the bootstrap token after a 401, or without a body after a
+    /// 400/422 (not counted as an attempt by `--once`).
+    immediate: bool,
 }
 
 impl Agent {
@@ -384,11 +242,11 @@ impl Agent {
                 _ = shutdown.cancelled() => return Err(RunError::OnceFailed("interrupted".into())),
                 o = self.attempt() => o,
             };
-            let next = self.handle(outcome);
+            let next = self.handle(outcome.0, outcome.1);
             let Some(failure) = next.failure else {
                 return Ok(());
             };
-            if next.fallback {
+            if next.immediate && failure.kind == FailureKind::Unauthorized {
                 continue;
             }
             attempts += 1;
@@ -464,7 +322,7 @@ impl Agent {
                             }
                         }
                     };
-                    let next = self.handle(outcome);
+                    let next = self.handle(outcome.0, outcome.1);
                     next_beat = Instant::now() + next.wait;
                 }
             }
@@ -537,16 +395,20 @@ impl Agent {
             }
         };
         if self.mode != Mode::DryRun {
-            match resolve_credentials(&cfg, Some(self.state.clone()), SystemTime::now()) {
-                Ok(creds) => {
-                    if creds.state.access_token != self.state.access_token
-                        || creds.state.node_id != self.state.node_id
-                    {
-                        info!(node_id = %creds.state.node_id, "reload: {}", creds.reason);
+            if cfg.state.dir != self.store.dir() {
+                warn!(
+                    "reload: state.dir changed to {}; that takes a restart (systemctl restart exalsius-node-agent); still using {}",
+                    cfg.state.dir.display(),
+                    self.store.dir().display()
+                );
+            }
+            let mut creds = self.creds.clone();
+            match creds.reconfigure(&cfg) {
+                Ok(changed) => {
+                    if let Some(why) = changed {
+                        info!(node_id = %creds.state().node_id, "reload: {why}");
                     }
-                    self.state = creds.state;
-                    self.bootstrap = creds.bootstrap;
-                    self.store = StateStore::new(&cfg.state.dir);
+                    self.creds = creds;
                 }
                 Err(e) => {
                     error!("reload: keeping the running configuration: {e}");
@@ -555,7 +417,6 @@ impl Agent {
             }
         }
         self.backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
-        self.fallback_tried = false;
         self.client = client;
         for w in &cfg.warnings {
             warn!("{w}");
@@ -564,64 +425,65 @@ impl Agent {
             interval = %secs(cfg.heartbeat.interval),
             "configuration reloaded"
         );
+        let dir = self.cfg.state.dir.clone();
         self.cfg = cfg;
+        // The state directory is the one setting a reload cannot change.
+        self.cfg.state.dir = dir;
     }
 
-    /// One request (or, in dry-run mode, one printed body).
-    async fn attempt(&mut self) -> Result<Success, Failure> {
-        let body = match &self.specs {
-            Some(specs) => serde_json::to_vec(&NodePatchRequest::new(
+    /// One request (or, in dry-run mode, one printed body). Returns whether a body was sent.
+    async fn attempt(&mut self) -> (Result<Success, Failure>, bool) {
+        let body = match (&self.specs, self.bodyless_next) {
+            (Some(specs), false) => serde_json::to_vec(&NodePatchRequest::new(
                 specs,
-                self.cfg
-                    .inventory
+                self.cfg.inventory.description.as_deref().or(self
+                    .creds
+                    .state()
                     .description
-                    .as_deref()
-                    .or(self.state.description.as_deref()),
+                    .as_deref()),
             ))
             .unwrap_or_default(),
-            // No inventory yet: the spec allows an empty PATCH as a pure heartbeat, which is
-            // better than claiming zero CPUs.
-            None => Vec::new(),
+            // No inventory yet, or the API rejected the last body: the spec allows an empty
+            // PATCH as a pure heartbeat, which keeps the node alive and the token rotating
+            // (and is better than claiming zero CPUs).
+            _ => Vec::new(),
         };
+        let had_body = !body.is_empty();
         if self.mode == Mode::DryRun {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&body);
             let _ = out.write_all(b"\n");
             let _ = out.flush();
-            return Ok(Success {
+            let ok = Success {
                 status: 0,
                 latency: Duration::ZERO,
-                body: crate::api::TokenResponse {
-                    node_id: self.state.node_id.to_string(),
-                    next_access_token: None,
-                    next_access_token_expires_in: None,
-                    next_access_token_type: None,
+                body: crate::api::Answer {
+                    node_id: self.creds.state().node_id.to_string(),
+                    issued: None,
+                    notes: Vec::new(),
                 },
-            });
+            };
+            return (Ok(ok), had_body);
         }
-        let url = self.cfg.node_url(&self.state.node_id);
-        debug!(%url, bytes = body.len(), "sending heartbeat");
-        self.client
-            .patch_node(
-                &url,
-                &self.state.access_token,
-                self.state.token_type.as_deref(),
-                body,
-            )
-            .await
+        let url = self.cfg.node_url(&self.creds.state().node_id);
+        debug!(%url, bytes = body.len(), sending = ?self.creds.sending(), "sending heartbeat");
+        let outcome = self.client.patch_node(&url, self.creds.token(), body).await;
+        (outcome, had_body)
     }
 
     /// Updates token and state from an outcome, persists, logs, and decides the wait.
-    fn handle(&mut self, outcome: Result<Success, Failure>) -> Next {
+    fn handle(&mut self, outcome: Result<Success, Failure>, had_body: bool) -> Next {
         let now = SystemTime::now();
-        self.state.last_attempt_at = Some(now);
+        self.creds.state_mut().last_attempt_at = Some(now);
         let outcome = outcome.and_then(|s| self.check_node(s));
-        let next = match outcome {
+        let mut next = match outcome {
             Ok(success) => self.on_success(success, now),
-            Err(failure) => self.on_failure(failure, now),
+            Err(failure) => self.on_failure(failure, now, had_body),
         };
+        // Whatever asked for the wait, the stored token must not expire during it.
+        next.wait = schedule::cap_for_token(next.wait, self.creds.state().token_expires_at, now);
         if self.mode != Mode::DryRun
-            && let Err(e) = self.store.save(&self.state)
+            && let Err(e) = self.store.save(self.creds.state())
         {
             error!(
                 "cannot persist state: {e}; the current token is kept in memory and saving is retried every heartbeat"
@@ -636,14 +498,15 @@ impl Agent {
         if self.mode == Mode::DryRun {
             return Ok(s);
         }
+        let ours = self.creds.state().node_id;
         match Uuid::parse_str(s.body.node_id.trim()) {
-            Ok(id) if id == self.state.node_id => Ok(s),
+            Ok(id) if id == ours => Ok(s),
             _ => Err(Failure {
                 kind: FailureKind::Retryable,
                 status: Some(s.status),
                 message: format!(
-                    "HTTP {} answered for node {:?}, not for this node {}; ignored",
-                    s.status, s.body.node_id, self.state.node_id
+                    "HTTP {} answered for node {:?}, not for this node {ours}; ignored",
+                    s.status, s.body.node_id
                 ),
                 retry_after: None,
             }),
@@ -652,61 +515,51 @@ impl Agent {
 
     fn on_success(&mut self, success: Success, now: SystemTime) -> Next {
         let hb = &self.cfg.heartbeat;
-        let mut wait = jittered(hb.interval, hb.jitter);
-        let mut lifetime = None;
-        if let Some(token) = success.body.next_access_token {
-            self.state.access_token = Secret::new(token);
-            self.state.token_type = success
-                .body
-                .next_access_token_type
-                .filter(|t| !t.trim().is_empty());
-            self.state.token_expires_at = match success.body.next_access_token_expires_in {
-                Some(s) if s > 0 => {
-                    let life = Duration::from_secs(s.unsigned_abs());
-                    lifetime = Some(life);
-                    now.checked_add(life)
-                }
-                _ => None,
-            };
+        let wait = jittered(hb.interval, hb.jitter);
+        for note in &success.body.notes {
+            warn!("heartbeat answer: {note}");
         }
-        if let Some(life) = lifetime {
-            // Renew before half the lifetime is gone, but never spin on tiny lifetimes.
-            let half = (life / 2).max(MIN_TOKEN_REFRESH_WAIT);
-            wait = wait.min(half);
+        let lifetime = success.body.issued.as_ref().and_then(|i| i.expires_in);
+        if self.creds.sending() == Sending::Bootstrap {
+            info!("the configured access token was accepted");
         }
-        self.state.last_success_at = Some(now);
-        self.state.consecutive_failures = 0;
-        self.state.last_error = None;
+        self.creds.on_accepted(success.body.issued, now);
+        self.bodyless_next = false;
+        let state = self.creds.state_mut();
+        state.last_success_at = Some(now);
+        state.consecutive_failures = 0;
+        state.last_error = None;
         self.backoff.reset();
-        self.fallback_tried = false;
         if let Some(since) = self.failing_since.take() {
             let down = now.duration_since(since).unwrap_or_default();
             info!("API reachable again after {}", secs(down));
         }
         if self.mode != Mode::DryRun {
             let expiry = lifetime.map_or_else(|| "unknown".to_string(), secs);
+            let next_in = schedule::cap_for_token(wait, self.creds.state().token_expires_at, now);
             info!(
                 status = success.status,
                 latency_ms = success.latency.as_millis() as u64,
                 token_expires_in = %expiry,
-                next_in = %secs(wait),
+                next_in = %secs(next_in),
                 "heartbeat ok"
             );
         }
         Next {
             wait,
             failure: None,
-            fallback: false,
+            immediate: false,
         }
     }
 
-    fn on_failure(&mut self, failure: Failure, now: SystemTime) -> Next {
+    fn on_failure(&mut self, failure: Failure, now: SystemTime, had_body: bool) -> Next {
         let hb = self.cfg.heartbeat.clone();
-        self.state.consecutive_failures = self.state.consecutive_failures.saturating_add(1);
-        self.state.last_error = Some(failure.message.clone());
+        let state = self.creds.state_mut();
+        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        state.last_error = Some(failure.message.clone());
+        let n = state.consecutive_failures;
         self.failing_since.get_or_insert(now);
-        let n = self.state.consecutive_failures;
-        let mut fallback = false;
+        let mut immediate = false;
         let wait = match failure.kind {
             FailureKind::Retryable => {
                 let mut wait = self.backoff.next_delay();
@@ -716,55 +569,40 @@ impl Agent {
                 warn!(
                     attempt = n,
                     "heartbeat failed: {failure}; retrying in {}",
+                    secs(schedule::cap_for_token(
+                        wait,
+                        self.creds.state().token_expires_at,
+                        now
+                    ))
+                );
+                wait
+            }
+            FailureKind::Unauthorized => self.on_rejected_token(&failure, n),
+            FailureKind::NotFound => {
+                let wait = schedule::slow_wait(hb.max_backoff, hb.jitter);
+                error!(
+                    attempt = n,
+                    "heartbeat failed: {failure}; node {} is not in the pool at {}: check api.node_id in {}; retrying in {}",
+                    self.creds.state().node_id,
+                    self.cfg.api.url,
+                    self.cfg.file_hint(),
                     secs(wait)
                 );
                 wait
             }
-            FailureKind::Unauthorized => {
-                let can_fall_back = !self.fallback_tried
-                    && self
-                        .bootstrap
-                        .as_ref()
-                        .is_some_and(|b| *b != self.state.access_token);
-                if let (true, Some(b)) = (can_fall_back, self.bootstrap.clone()) {
-                    warn!(
-                        "heartbeat failed: {failure}; the rotated token was rejected, retrying once with the configured token"
-                    );
-                    self.state.access_token = b;
-                    self.state.token_type = None;
-                    self.state.token_expires_at = None;
-                    self.fallback_tried = true;
-                    fallback = true;
-                    Duration::ZERO
-                } else {
-                    let what_to_do = if self.bootstrap.is_some() {
-                        format!(
-                            "put a new access token in {} (api.access_token) and reload: systemctl reload exalsius-node-agent",
-                            self.cfg.file_hint()
-                        )
-                    } else {
-                        "this node's registration is no longer accepted: re-register it with `exalsius-node-agent register --force …`".to_string()
-                    };
-                    error!(
-                        attempt = n,
-                        "heartbeat failed: {failure}; the access token was rejected: {what_to_do}; retrying in {}",
-                        secs(hb.max_backoff)
-                    );
-                    hb.max_backoff
-                }
-            }
-            FailureKind::NotFound => {
-                error!(
+            FailureKind::Rejected | FailureKind::Conflict if had_body => {
+                // The API does not accept what we report; keep the node alive and the token
+                // rotating with a pure heartbeat now, and offer the body again next time.
+                warn!(
                     attempt = n,
-                    "heartbeat failed: {failure}; node {} is not in the pool at {}: check api.node_id in {}; retrying in {}",
-                    self.state.node_id,
-                    self.cfg.api.url,
-                    self.cfg.file_hint(),
-                    secs(hb.max_backoff)
+                    "heartbeat body rejected: {failure}; sending a heartbeat without specs now"
                 );
-                hb.max_backoff
+                self.bodyless_next = true;
+                immediate = true;
+                Duration::ZERO
             }
             FailureKind::Rejected | FailureKind::Conflict => {
+                self.bodyless_next = false;
                 let wait = jittered(hb.interval, hb.jitter);
                 warn!(
                     attempt = n,
@@ -777,7 +615,50 @@ impl Agent {
         Next {
             wait,
             failure: Some(failure),
-            fallback,
+            immediate,
+        }
+    }
+
+    /// 401/403: the credential rules decide the token; the log says what the operator can do.
+    fn on_rejected_token(&mut self, failure: &Failure, n: u32) -> Duration {
+        let hb = &self.cfg.heartbeat;
+        let rejected = self.creds.sending();
+        match self.creds.on_rejected() {
+            AfterRejection::RetryNow => {
+                warn!(
+                    "heartbeat failed: {failure}; the stored token was rejected, retrying once with the configured token (the stored token is kept)"
+                );
+                Duration::ZERO
+            }
+            AfterRejection::RetrySlowly { switched } => {
+                let wait = schedule::slow_wait(hb.max_backoff, hb.jitter);
+                let what_to_do = if self.creds.bootstrap().is_some() {
+                    format!(
+                        "if this persists, put a new access token in {} (api.access_token) and reload: systemctl reload exalsius-node-agent",
+                        self.cfg.file_hint()
+                    )
+                } else {
+                    "if this persists, this node's registration is no longer accepted: re-register it with `exalsius-node-agent register --force …` (stop the service first)".to_string()
+                };
+                let which = match rejected {
+                    Sending::Stored => "stored",
+                    Sending::Bootstrap => "configured",
+                };
+                let next = if switched {
+                    match self.creds.sending() {
+                        Sending::Stored => "; next try with the stored token",
+                        Sending::Bootstrap => "; next try with the configured token",
+                    }
+                } else {
+                    ""
+                };
+                error!(
+                    attempt = n,
+                    "heartbeat failed: {failure}; the {which} access token was rejected: {what_to_do}; retrying in {}{next}",
+                    secs(wait)
+                );
+                wait
+            }
         }
     }
 
@@ -785,7 +666,8 @@ impl Agent {
         let line = match (&next.failure, self.failing_since) {
             (None, _) => {
                 let token = self
-                    .state
+                    .creds
+                    .state()
                     .token_expires_at
                     .and_then(|t| t.duration_since(now).ok())
                     .map_or_else(String::new, |d| {
@@ -820,112 +702,5 @@ async fn recv_reload(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Overrides;
-    use std::path::Path;
-
-    #[test]
-    fn equal_jitter_bounds() {
-        for _ in 0..10_000 {
-            let d = Duration::from_secs(10);
-            let j = equal_jitter(d);
-            assert!(j >= Duration::from_secs(5) && j <= d, "{j:?}");
-        }
-    }
-
-    #[test]
-    fn interval_jitter_bounds() {
-        let i = Duration::from_secs(60);
-        for _ in 0..10_000 {
-            let j = jittered(i, 0.1);
-            assert!(
-                j >= Duration::from_secs(54) && j <= Duration::from_secs(66),
-                "{j:?}"
-            );
-        }
-        assert_eq!(jittered(i, 0.0), i);
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-        let nominal: Vec<u64> = (0..6).map(|_| b.next_nominal().as_secs()).collect();
-        assert_eq!(nominal, vec![1, 2, 4, 8, 10, 10]);
-        for _ in 0..200 {
-            let d = b.next_delay();
-            assert!(d <= Duration::from_secs(10) && d >= Duration::from_secs(5));
-        }
-        b.reset();
-        assert_eq!(b.next_nominal(), Duration::from_secs(1));
-    }
-
-    fn cfg(text: &str) -> Config {
-        Config::from_toml(
-            text,
-            Path::new("/etc/x.toml"),
-            &Overrides::default(),
-            &|_| None,
-        )
-        .unwrap()
-    }
-
-    const ID: &str = "123e4567-e89b-12d3-a456-426614174000";
-
-    #[test]
-    fn credential_choice() {
-        let c = cfg(&format!(
-            "[api]\nurl = \"https://a.example\"\nnode_id = \"{ID}\"\naccess_token = \"boot\"\n"
-        ));
-        let now = SystemTime::now();
-        let fresh = resolve_credentials(&c, None, now).unwrap();
-        assert_eq!(fresh.state.access_token.expose(), "boot");
-
-        let mut rotated = fresh.state.clone();
-        rotated.access_token = Secret::new("rot-1");
-        let got = resolve_credentials(&c, Some(rotated.clone()), now).unwrap();
-        assert_eq!(got.state.access_token.expose(), "rot-1");
-
-        // Expired → configured token.
-        let mut expired = rotated.clone();
-        expired.token_expires_at = Some(now - Duration::from_secs(1));
-        let got = resolve_credentials(&c, Some(expired), now).unwrap();
-        assert_eq!(got.state.access_token.expose(), "boot");
-
-        // New bootstrap token in the config → configured token.
-        let c2 = cfg(&format!(
-            "[api]\nurl = \"https://a.example\"\nnode_id = \"{ID}\"\naccess_token = \"boot-2\"\n"
-        ));
-        let got = resolve_credentials(&c2, Some(rotated.clone()), now).unwrap();
-        assert_eq!(got.state.access_token.expose(), "boot-2");
-
-        // Other node → configured token.
-        let mut other = rotated.clone();
-        other.node_id = Uuid::nil();
-        let got = resolve_credentials(&c, Some(other), now).unwrap();
-        assert_eq!(got.state.access_token.expose(), "boot");
-    }
-
-    #[test]
-    fn registered_node_without_config_token() {
-        let c = cfg("[api]\nurl = \"https://a.example\"\n");
-        let now = SystemTime::now();
-        let e = resolve_credentials(&c, None, now).unwrap_err();
-        assert!(e.contains("register"), "{e}");
-        let id = Uuid::parse_str(ID).unwrap();
-        let s = State::new(id, "https://a.example", Secret::new("reg"), None);
-        let got = resolve_credentials(&c, Some(s.clone()), now).unwrap();
-        assert!(got.bootstrap.is_none());
-        assert_eq!(got.state.access_token.expose(), "reg");
-        let c_other = cfg(&format!(
-            "[api]\nurl = \"https://a.example\"\nnode_id = \"{}\"\n",
-            Uuid::nil()
-        ));
-        let e = resolve_credentials(&c_other, Some(s), now).unwrap_err();
-        assert!(e.contains("differs"), "{e}");
     }
 }
