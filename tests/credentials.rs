@@ -286,3 +286,30 @@ async fn a_symlinked_state_file_is_moved_aside_and_its_target_untouched() {
             .is_symlink()
     );
 }
+
+/// No wait — here a `Retry-After: 60` — runs past half of the token's remaining lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_never_lets_the_token_expire() {
+    let api = StandIn::start().await;
+    api.with(|s| s.expires_in = Some(2));
+    let mut agent = Agent::new();
+    // Normal cadence 30 s: only the token's lifetime can bring the retry forward.
+    agent.write_config(
+        &config_text(&api.url(), "").replace("interval = \"100ms\"", "interval = \"30s\""),
+    );
+    agent.spawn(&[]);
+    api.wait_requests(1, 10 * SECOND).await;
+    api.script([Scripted::StatusWithHeader(
+        503,
+        "retry-after",
+        "60".to_string(),
+    )]);
+    // The second beat comes at half the 2 s lifetime (1 s), gets 503 + Retry-After: 60; the
+    // third must still come before the token expires.
+    let seen = api.wait_requests(3, 5 * SECOND).await;
+    agent.stop();
+    assert_eq!(seen[1].status, 503);
+    assert_eq!(seen[2].status, 200, "{seen:?}");
+    let gap = seen[2].at - seen[1].at;
+    assert!(gap <= Duration::from_millis(1500), "{gap:?}");
+}

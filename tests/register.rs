@@ -260,3 +260,87 @@ async fn a_rejected_registered_token_says_re_register() {
         agent.all_output()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_after_a_timed_out_attempt_says_the_node_may_be_registered_already() {
+    let api = StandIn::start().await;
+    // The first attempt reaches the API, which registers the node, but the answer never
+    // arrives within api.timeout (2 s); the retry then finds the node.
+    api.with(|s| {
+        s.registered_hosts.push("gpu-node-1".into());
+        s.script.push_back(Scripted::Delay(Duration::from_secs(3)));
+    });
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("409"), "{all}");
+    assert!(all.contains("may have registered this node"), "{all}");
+    assert!(
+        !agent.state_file().exists(),
+        "nothing is written without a token"
+    );
+    assert!(!all.contains(REGISTER_TOKEN), "token leaked: {all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_before_the_post_when_the_state_cannot_be_written() {
+    let api = StandIn::start().await;
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+    // A file where the state directory should be.
+    std::fs::write(agent.state_dir(), "not a directory").unwrap();
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("nothing was registered"), "{all}");
+    assert_eq!(
+        api.count(),
+        0,
+        "the API was asked to register a node whose token could not be kept"
+    );
+}
+
+/// A non-root user without a configured state directory registers into its own
+/// `$XDG_STATE_HOME`; the note says the system service will not see it. Needs root to switch
+/// to `nobody` (CI runs as root); skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_root_register_says_the_service_will_not_see_it() {
+    use std::os::unix::process::CommandExt;
+    if !exalsius_node_agent::perms::is_root() {
+        eprintln!("skipped: needs root to run as nobody");
+        return;
+    }
+    let api = StandIn::start().await;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(home.path(), Some(65534), Some(65534)).unwrap();
+    let cfg = home.path().join("agent.toml");
+    std::fs::write(&cfg, bare_config(&api.url())).unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = clean_command();
+    cmd.arg("--config")
+        .arg(&cfg)
+        .args(register_args(&[]))
+        .env("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)
+        .env("HOME", home.path())
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("STATE_DIRECTORY")
+        .uid(65534)
+        .gid(65534);
+    let out = cmd.output().unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let dir = home.path().join(".local/state/exalsius-node-agent");
+    assert!(dir.join("state.json").exists(), "{all}");
+    assert!(all.contains(&dir.display().to_string()), "{all}");
+    assert!(all.contains("will not see this registration"), "{all}");
+    assert!(all.contains("/var/lib/exalsius-node-agent"), "{all}");
+}
