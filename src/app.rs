@@ -98,6 +98,11 @@ fn run(overrides: &Overrides, args: &RunArgs) -> u8 {
             })
             .await
     });
+    // Exit is never held by blocking work: a getaddrinfo, a version probe, a /sys read or an
+    // NVML call stuck in a blocking thread is abandoned (the process exit ends it) instead of
+    // being waited for, as dropping the runtime would. Probe children are killed first.
+    runtime.shutdown_background();
+    crate::inventory::software::kill_running_probes();
     match result {
         Ok(()) => 0,
         Err(e) => {

@@ -54,6 +54,19 @@ pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
 /// Root's default state directory (systemd's `StateDirectory=` sets `$STATE_DIRECTORY` to it).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/exalsius-node-agent";
 
+/// The shortest accepted duration: sub-second values exist for tests and demos, zero would
+/// spin.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+/// `api.timeout` / `api.connect_timeout` above this are typos: a request that has not
+/// answered in 10 minutes never will, and the watchdog would have fired long before.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// `heartbeat.interval` and the backoffs: a node silent for more than a day is gone from the
+/// pool anyway. Keeps every instant/duration sum far from overflow.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+/// `inventory.refresh_interval`: hardware changes (a GPU falling off the bus) must show within
+/// a week at the latest; SIGHUP refreshes at once.
+pub const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(7 * 86_400);
+
 /// A configuration problem, printed as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -478,8 +491,9 @@ fn build(
 
     let timeout = file.api.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let connect_timeout = file.api.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    nonzero(timeout).map_err(|m| invalid(&file_origin, "api.timeout", m))?;
-    nonzero(connect_timeout).map_err(|m| invalid(&file_origin, "api.connect_timeout", m))?;
+    bounded(timeout, MAX_TIMEOUT).map_err(|m| invalid(&file_origin, "api.timeout", m))?;
+    bounded(connect_timeout, MAX_TIMEOUT)
+        .map_err(|m| invalid(&file_origin, "api.connect_timeout", m))?;
     if let Some(ca) = &file.api.ca_file
         && let Err(e) = std::fs::metadata(ca)
     {
@@ -491,7 +505,7 @@ fn build(
     }
 
     let interval = file.heartbeat.interval.unwrap_or(DEFAULT_INTERVAL);
-    nonzero(interval).map_err(|m| invalid(&file_origin, "heartbeat.interval", m))?;
+    bounded(interval, MAX_INTERVAL).map_err(|m| invalid(&file_origin, "heartbeat.interval", m))?;
     let jitter = file.heartbeat.jitter.unwrap_or(DEFAULT_JITTER);
     if !(0.0..=MAX_JITTER).contains(&jitter) {
         return Err(invalid(
@@ -504,8 +518,11 @@ fn build(
         .heartbeat
         .initial_backoff
         .unwrap_or(DEFAULT_INITIAL_BACKOFF);
-    nonzero(initial_backoff).map_err(|m| invalid(&file_origin, "heartbeat.initial_backoff", m))?;
+    bounded(initial_backoff, MAX_INTERVAL)
+        .map_err(|m| invalid(&file_origin, "heartbeat.initial_backoff", m))?;
     let max_backoff = file.heartbeat.max_backoff.unwrap_or(DEFAULT_MAX_BACKOFF);
+    bounded(max_backoff, MAX_INTERVAL)
+        .map_err(|m| invalid(&file_origin, "heartbeat.max_backoff", m))?;
     if max_backoff < initial_backoff {
         return Err(invalid(
             &file_origin,
@@ -522,7 +539,7 @@ fn build(
         .inventory
         .refresh_interval
         .unwrap_or(DEFAULT_REFRESH_INTERVAL);
-    nonzero(refresh_interval)
+    bounded(refresh_interval, MAX_REFRESH_INTERVAL)
         .map_err(|m| invalid(&file_origin, "inventory.refresh_interval", m))?;
 
     let state_dir = if let Some(d) = &overrides.state_dir {
@@ -598,9 +615,17 @@ fn build(
     })
 }
 
-fn nonzero(d: Duration) -> Result<(), String> {
+/// Every duration has a range; the message names it.
+fn bounded(d: Duration, max: Duration) -> Result<(), String> {
     if d.is_zero() {
         Err("must be greater than zero".to_string())
+    } else if d < MIN_DURATION || d > max {
+        Err(format!(
+            "= {} is out of range ({} – {})",
+            humantime::format_duration(d),
+            humantime::format_duration(MIN_DURATION),
+            humantime::format_duration(max)
+        ))
     } else {
         Ok(())
     }
@@ -774,6 +799,33 @@ mod tests {
         assert!(e.contains("heartbeat.jitter"), "{e}");
         assert!(e.contains("out of range"), "{e}");
         assert!(err("[heartbeat]\njitter = -0.1\n").contains("heartbeat.jitter"));
+    }
+
+    #[test]
+    fn every_duration_has_a_range_named_in_the_error() {
+        for (section, key, value) in [
+            ("inventory", "refresh_interval", "300000000000years"),
+            ("inventory", "refresh_interval", "8days"),
+            ("heartbeat", "interval", "18446744073709551615s"),
+            ("heartbeat", "interval", "25h"),
+            ("heartbeat", "interval", "500us"),
+            ("heartbeat", "initial_backoff", "2days"),
+            ("heartbeat", "max_backoff", "100years"),
+            ("api", "timeout", "11m"),
+            ("api", "connect_timeout", "1year"),
+        ] {
+            let text = format!("[{section}]\n{key} = \"{value}\"\n");
+            let e = err(&text);
+            assert!(e.contains(&format!("{section}.{key}")), "{text}: {e}");
+            assert!(e.contains("out of range"), "{text}: {e}");
+        }
+        // The bounds themselves are accepted.
+        load(
+            "[heartbeat]\ninterval = \"24h\"\ninitial_backoff = \"1ms\"\nmax_backoff = \"24h\"\n\
+             [inventory]\nrefresh_interval = \"7days\"\n[api]\ntimeout = \"10m\"\n",
+            &[],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -37,6 +37,8 @@ fn expected_key(name: &str) -> &'static str {
         "bad-gpu-mode.toml" => "inventory.gpu",
         "backoff-order.toml" => "heartbeat.max_backoff",
         "bad-log-format.toml" => "log.format",
+        "huge-refresh.toml" => "inventory.refresh_interval",
+        "huge-interval.toml" => "heartbeat.interval",
         other => panic!("no expectation for fixture {other}"),
     }
 }

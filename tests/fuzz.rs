@@ -3,11 +3,15 @@
 //! of cases; the seed corpus in `tests/fuzz-corpus/` is replayed first, and proptest keeps any
 //! failure it finds in `proptest-regressions/` so it is replayed on every run.
 //!
-//! The property for every parser: no panic, whatever the input; errors are one line.
+//! The property for every parser: no panic, whatever the input; errors are one line. Configs
+//! and answers that parse are also *used*: the scheduler runs a few simulated cycles on them
+//! (every wait added to the monotonic and the wall clock, as the loop does).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use exalsius_node_agent::api::{Problem, TokenResponse};
 use exalsius_node_agent::config::{Config, Overrides};
+use exalsius_node_agent::heartbeat::credentials::registered_state;
+use exalsius_node_agent::heartbeat::{Schedule, Verdict};
 use exalsius_node_agent::inventory::{cpu, gpu::pci, system};
 use proptest::prelude::*;
 use std::path::Path;
@@ -38,18 +42,55 @@ fn check_config(text: &str) {
         &Overrides::default(),
         &|_| None,
     );
-    if let Err(e) = r {
-        let msg = e.to_string();
-        assert!(!msg.contains('\n'), "multi-line error: {msg:?}");
-        assert!(
-            msg.starts_with("/fuzz.toml"),
-            "error does not name the file: {msg}"
-        );
+    match r {
+        Ok(cfg) => simulate(&cfg, None),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!msg.contains('\n'), "multi-line error: {msg:?}");
+            assert!(
+                msg.starts_with("/fuzz.toml"),
+                "error does not name the file: {msg}"
+            );
+        }
     }
 }
 
+/// Runs the scheduler for a few simulated cycles of every kind of outcome, adding each wait to
+/// the clocks the way the loop does; `expiry` is a token lifetime from an answer.
+fn simulate(cfg: &Config, expiry: Option<std::time::Duration>) {
+    let mut schedule = Schedule::new(&cfg.heartbeat);
+    let mut mono = std::time::Instant::now();
+    let mut wall = std::time::SystemTime::now();
+    let expires_at = expiry.and_then(|d| wall.checked_add(d));
+    let verdicts = [
+        Verdict::Ok,
+        Verdict::Retryable { retry_after: None },
+        Verdict::Retryable {
+            retry_after: Some(exalsius_node_agent::api::client::MAX_RETRY_AFTER),
+        },
+        Verdict::Slow,
+        Verdict::Now,
+        Verdict::Rejected,
+    ];
+    for cycle in 0..24 {
+        let wait = schedule.next(verdicts[cycle % verdicts.len()], expires_at, wall);
+        mono += wait;
+        wall += wait;
+        let _ = mono + cfg.inventory.refresh_interval;
+    }
+    schedule.reconfigure(&cfg.heartbeat);
+}
+
 fn check_response(bytes: &[u8]) {
-    let _ = serde_json::from_slice::<TokenResponse>(bytes);
+    if let Ok(r) = serde_json::from_slice::<TokenResponse>(bytes)
+        && let Ok(answer) = r.interpret()
+        && let Some(issued) = answer.issued
+    {
+        let lifetime = issued.expires_in;
+        let state = registered_state(uuid::Uuid::nil(), "u", issued, std::time::SystemTime::now());
+        let _ = state.token_expires_at;
+        simulate(&default_config(), lifetime);
+    }
     if let Some(p) = Problem::parse(bytes) {
         let _ = p.to_string();
     }
@@ -65,6 +106,13 @@ fn check_text_parsers(text: &str) {
     if let Ok(v) = reqwest::header::HeaderValue::from_str(text) {
         let _ = exalsius_node_agent::api::client::retry_after(Some(&v));
     }
+}
+
+fn default_config() -> Config {
+    Config::from_toml("", Path::new("/fuzz.toml"), &Overrides::default(), &|_| {
+        None
+    })
+    .unwrap()
 }
 
 #[test]

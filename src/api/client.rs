@@ -107,6 +107,10 @@ impl ApiClient {
             .connect_timeout(cfg.connect_timeout)
             // A redirect could carry the token to another host: never follow one.
             .redirect(reqwest::redirect::Policy::none())
+            // getaddrinfo bounded in threads and time (see api::resolve).
+            .dns_resolver(std::sync::Arc::new(super::resolve::BoundedResolver::new(
+                cfg.connect_timeout,
+            )))
             .use_rustls_tls();
         if let Some(path) = &cfg.ca_file {
             let ca_err = |message: String| ClientError::CaFile {

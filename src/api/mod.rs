@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod problem;
+pub mod resolve;
 pub mod types;
 
 pub use client::{ApiClient, ClientError, Failure, FailureKind, Outcome, Success};

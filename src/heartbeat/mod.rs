@@ -12,7 +12,9 @@ pub mod credentials;
 pub mod schedule;
 
 pub use credentials::{AfterRejection, Credentials, Sending};
-pub use schedule::{Backoff, MIN_TOKEN_REFRESH_WAIT, equal_jitter, jittered, secs};
+pub use schedule::{
+    Backoff, MIN_TOKEN_REFRESH_WAIT, Schedule, Verdict, equal_jitter, jittered, secs,
+};
 
 use crate::api::{
     ApiClient, ClientError, Failure, FailureKind, NodePatchRequest, NodeSpecs, Success,
@@ -104,7 +106,7 @@ pub struct Agent {
     /// Held for the agent's lifetime: one writer per state directory (`None` in dry-run).
     _lock: Option<StateLock>,
     creds: Credentials,
-    backoff: Backoff,
+    schedule: Schedule,
     /// The API rejected the last body (400/422): the next attempt is a pure heartbeat.
     bodyless_next: bool,
     failing_since: Option<SystemTime>,
@@ -143,7 +145,7 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         (Some(lock), creds)
     };
     Ok(Agent {
-        backoff: Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff),
+        schedule: Schedule::new(&cfg.heartbeat),
         cfg,
         mode,
         client,
@@ -207,11 +209,13 @@ impl Agent {
     /// Retries without jitter (fleet benchmark only: demonstrates the synchronized retry storm
     /// the jitter prevents).
     pub fn without_backoff_jitter(mut self) -> Self {
-        self.backoff = Backoff::new(
-            self.cfg.heartbeat.initial_backoff,
-            self.cfg.heartbeat.max_backoff,
-        )
-        .without_jitter();
+        self.schedule = self.schedule.without_backoff_jitter();
+        self
+    }
+
+    /// No start splay (fleet benchmark only: shows the bunching of a fleet started together).
+    pub fn without_splay(mut self) -> Self {
+        self.schedule = self.schedule.without_splay();
         self
     }
 
@@ -416,7 +420,7 @@ impl Agent {
                 }
             }
         }
-        self.backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
+        self.schedule.reconfigure(&cfg.heartbeat);
         self.client = client;
         for w in &cfg.warnings {
             warn!("{w}");
@@ -476,12 +480,10 @@ impl Agent {
         let now = SystemTime::now();
         self.creds.state_mut().last_attempt_at = Some(now);
         let outcome = outcome.and_then(|s| self.check_node(s));
-        let mut next = match outcome {
+        let next = match outcome {
             Ok(success) => self.on_success(success, now),
             Err(failure) => self.on_failure(failure, now, had_body),
         };
-        // Whatever asked for the wait, the stored token must not expire during it.
-        next.wait = schedule::cap_for_token(next.wait, self.creds.state().token_expires_at, now);
         if self.mode != Mode::DryRun
             && let Err(e) = self.store.save(self.creds.state())
         {
@@ -514,8 +516,6 @@ impl Agent {
     }
 
     fn on_success(&mut self, success: Success, now: SystemTime) -> Next {
-        let hb = &self.cfg.heartbeat;
-        let wait = jittered(hb.interval, hb.jitter);
         for note in &success.body.notes {
             warn!("heartbeat answer: {note}");
         }
@@ -529,19 +529,18 @@ impl Agent {
         state.last_success_at = Some(now);
         state.consecutive_failures = 0;
         state.last_error = None;
-        self.backoff.reset();
+        let wait = self.next_wait(Verdict::Ok, now);
         if let Some(since) = self.failing_since.take() {
             let down = now.duration_since(since).unwrap_or_default();
             info!("API reachable again after {}", secs(down));
         }
         if self.mode != Mode::DryRun {
             let expiry = lifetime.map_or_else(|| "unknown".to_string(), secs);
-            let next_in = schedule::cap_for_token(wait, self.creds.state().token_expires_at, now);
             info!(
                 status = success.status,
                 latency_ms = success.latency.as_millis() as u64,
                 token_expires_in = %expiry,
-                next_in = %secs(next_in),
+                next_in = %secs(wait),
                 "heartbeat ok"
             );
         }
@@ -552,8 +551,13 @@ impl Agent {
         }
     }
 
+    /// The schedule's wait for `v`, kept short of half the stored token's remaining lifetime.
+    fn next_wait(&mut self, v: Verdict, now: SystemTime) -> Duration {
+        self.schedule
+            .next(v, self.creds.state().token_expires_at, now)
+    }
+
     fn on_failure(&mut self, failure: Failure, now: SystemTime, had_body: bool) -> Next {
-        let hb = self.cfg.heartbeat.clone();
         let state = self.creds.state_mut();
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         state.last_error = Some(failure.message.clone());
@@ -562,24 +566,22 @@ impl Agent {
         let mut immediate = false;
         let wait = match failure.kind {
             FailureKind::Retryable => {
-                let mut wait = self.backoff.next_delay();
-                if let Some(ra) = failure.retry_after {
-                    wait = wait.max(ra);
-                }
+                let wait = self.next_wait(
+                    Verdict::Retryable {
+                        retry_after: failure.retry_after,
+                    },
+                    now,
+                );
                 warn!(
                     attempt = n,
                     "heartbeat failed: {failure}; retrying in {}",
-                    secs(schedule::cap_for_token(
-                        wait,
-                        self.creds.state().token_expires_at,
-                        now
-                    ))
+                    secs(wait)
                 );
                 wait
             }
-            FailureKind::Unauthorized => self.on_rejected_token(&failure, n),
+            FailureKind::Unauthorized => self.on_rejected_token(&failure, n, now),
             FailureKind::NotFound => {
-                let wait = schedule::slow_wait(hb.max_backoff, hb.jitter);
+                let wait = self.next_wait(Verdict::Slow, now);
                 error!(
                     attempt = n,
                     "heartbeat failed: {failure}; node {} is not in the pool at {}: check api.node_id in {}; retrying in {}",
@@ -599,11 +601,11 @@ impl Agent {
                 );
                 self.bodyless_next = true;
                 immediate = true;
-                Duration::ZERO
+                self.next_wait(Verdict::Now, now)
             }
             FailureKind::Rejected | FailureKind::Conflict => {
                 self.bodyless_next = false;
-                let wait = jittered(hb.interval, hb.jitter);
+                let wait = self.next_wait(Verdict::Rejected, now);
                 warn!(
                     attempt = n,
                     "heartbeat rejected: {failure}; next try in {}",
@@ -620,18 +622,17 @@ impl Agent {
     }
 
     /// 401/403: the credential rules decide the token; the log says what the operator can do.
-    fn on_rejected_token(&mut self, failure: &Failure, n: u32) -> Duration {
-        let hb = &self.cfg.heartbeat;
+    fn on_rejected_token(&mut self, failure: &Failure, n: u32, now: SystemTime) -> Duration {
         let rejected = self.creds.sending();
         match self.creds.on_rejected() {
             AfterRejection::RetryNow => {
                 warn!(
                     "heartbeat failed: {failure}; the stored token was rejected, retrying once with the configured token (the stored token is kept)"
                 );
-                Duration::ZERO
+                self.next_wait(Verdict::Now, now)
             }
             AfterRejection::RetrySlowly { switched } => {
-                let wait = schedule::slow_wait(hb.max_backoff, hb.jitter);
+                let wait = self.next_wait(Verdict::Slow, now);
                 let what_to_do = if self.creds.bootstrap().is_some() {
                     format!(
                         "if this persists, put a new access token in {} (api.access_token) and reload: systemctl reload exalsius-node-agent",

@@ -3,8 +3,102 @@
 //! while the agent waits. Pure functions of their inputs (plus a random draw), tested without
 //! a clock.
 
+use crate::config::HeartbeatConfig;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::time::{Duration, SystemTime};
+
+/// What an attempt's outcome means for the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A 2xx: the normal cadence (after the very first success: the start splay).
+    Ok,
+    /// Transport error, timeout, 5xx, 429, unusable 2xx: exponential backoff, at least
+    /// `Retry-After`.
+    Retryable {
+        /// The server's `Retry-After`, already capped.
+        retry_after: Option<Duration>,
+    },
+    /// Try again at once (the bootstrap token after a 401, a pure heartbeat after a rejected
+    /// body).
+    Now,
+    /// 401/403 with nothing to try at once, 404: the slow schedule.
+    Slow,
+    /// 400/422 and other answers retrying soon will not change: the normal cadence.
+    Rejected,
+}
+
+/// The heartbeat schedule: turns each outcome into the wait before the next attempt.
+#[derive(Debug)]
+pub struct Schedule {
+    interval: Duration,
+    jitter: f64,
+    max_backoff: Duration,
+    backoff: Backoff,
+    /// The wait after the first success is a uniformly random fraction of the interval.
+    splay_pending: bool,
+}
+
+impl Schedule {
+    /// The schedule for `[heartbeat]`.
+    pub fn new(hb: &HeartbeatConfig) -> Self {
+        Self {
+            interval: hb.interval,
+            jitter: hb.jitter,
+            max_backoff: hb.max_backoff,
+            backoff: Backoff::new(hb.initial_backoff, hb.max_backoff),
+            splay_pending: true,
+        }
+    }
+
+    /// New settings (SIGHUP); the start splay is not repeated.
+    pub fn reconfigure(&mut self, hb: &HeartbeatConfig) {
+        let splay_pending = self.splay_pending;
+        let jitter = self.backoff.jitter;
+        *self = Self::new(hb);
+        self.splay_pending = splay_pending;
+        self.backoff.jitter = jitter;
+    }
+
+    /// Turns the backoff jitter off (fleet benchmark only).
+    pub fn without_backoff_jitter(mut self) -> Self {
+        self.backoff = self.backoff.without_jitter();
+        self
+    }
+
+    /// Turns the start splay off (fleet benchmark only: shows the bunching it prevents).
+    pub fn without_splay(mut self) -> Self {
+        self.splay_pending = false;
+        self
+    }
+
+    /// The wait after an outcome, capped so that the stored token (expiring at
+    /// `expires_at`) is renewed before half of its remaining lifetime is gone.
+    pub fn next(
+        &mut self,
+        v: Verdict,
+        expires_at: Option<SystemTime>,
+        now: SystemTime,
+    ) -> Duration {
+        let wait = match v {
+            Verdict::Ok => {
+                self.backoff.reset();
+                if std::mem::take(&mut self.splay_pending) {
+                    self.interval.mul_f64(fastrand::f64())
+                } else {
+                    jittered(self.interval, self.jitter)
+                }
+            }
+            Verdict::Retryable { retry_after } => {
+                let d = self.backoff.next_delay();
+                retry_after.map_or(d, |ra| d.max(ra))
+            }
+            Verdict::Now => Duration::ZERO,
+            Verdict::Slow => slow_wait(self.max_backoff, self.jitter),
+            Verdict::Rejected => jittered(self.interval, self.jitter),
+        };
+        cap_for_token(wait, expires_at, now)
+    }
+}
 
 /// A short-lived token never makes the agent heartbeat more often than this (unless the
 /// configured interval is itself shorter): a server that issues tokens valid for 0–1 s must
@@ -100,6 +194,103 @@ pub fn secs(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hb(interval: u64, initial: u64, max: u64, jitter: f64) -> HeartbeatConfig {
+        HeartbeatConfig {
+            interval: Duration::from_secs(interval),
+            jitter,
+            initial_backoff: Duration::from_secs(initial),
+            max_backoff: Duration::from_secs(max),
+        }
+    }
+
+    const NOW: SystemTime = SystemTime::UNIX_EPOCH;
+
+    #[test]
+    fn the_first_success_is_followed_by_a_random_fraction_of_the_interval() {
+        let mut fractions = Vec::new();
+        for _ in 0..2_000 {
+            let mut s = Schedule::new(&hb(60, 1, 300, 0.1));
+            let first = s.next(Verdict::Ok, None, NOW);
+            assert!(first <= Duration::from_secs(60));
+            fractions.push(first.as_secs_f64() / 60.0);
+            // Then interval ± jitter.
+            for _ in 0..5 {
+                let d = s.next(Verdict::Ok, None, NOW);
+                assert!(
+                    d >= Duration::from_secs(54) && d <= Duration::from_secs(66),
+                    "{d:?}"
+                );
+            }
+        }
+        // Uniform over [0, 1): each decile holds roughly a tenth.
+        for decile in 0..10 {
+            let lo = f64::from(decile) / 10.0;
+            let n = fractions
+                .iter()
+                .filter(|&&f| f >= lo && f < lo + 0.1)
+                .count();
+            assert!((120..=280).contains(&n), "decile {decile}: {n} of 2000");
+        }
+        // A reload does not splay again.
+        let mut s = Schedule::new(&hb(60, 1, 300, 0.0));
+        s.next(Verdict::Ok, None, NOW);
+        s.reconfigure(&hb(10, 1, 300, 0.0));
+        assert_eq!(s.next(Verdict::Ok, None, NOW), Duration::from_secs(10));
+        assert_eq!(
+            Schedule::new(&hb(60, 1, 300, 0.0))
+                .without_splay()
+                .next(Verdict::Ok, None, NOW),
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn each_outcome_has_its_wait() {
+        let mut s = Schedule::new(&hb(60, 1, 300, 0.0)).without_splay();
+        // Backoff grows (equal jitter: between half and all of 1, 2, 4, 8 s) up to the cap...
+        for nominal in [1u64, 2, 4, 8] {
+            let d = s.next(Verdict::Retryable { retry_after: None }, None, NOW);
+            let n = Duration::from_secs(nominal);
+            assert!(d >= n / 2 && d <= n, "{d:?} for {n:?}");
+        }
+        for _ in 0..20 {
+            s.next(Verdict::Retryable { retry_after: None }, None, NOW);
+        }
+        let capped = s.next(Verdict::Retryable { retry_after: None }, None, NOW);
+        assert!(capped >= Duration::from_secs(150) && capped <= Duration::from_secs(300));
+        // ... Retry-After wins when longer ...
+        let ra = s.next(
+            Verdict::Retryable {
+                retry_after: Some(Duration::from_secs(1800)),
+            },
+            None,
+            NOW,
+        );
+        assert_eq!(ra, Duration::from_secs(1800));
+        // ... and a success resets it.
+        assert_eq!(s.next(Verdict::Ok, None, NOW), Duration::from_secs(60));
+        let d = s.next(Verdict::Retryable { retry_after: None }, None, NOW);
+        assert!(d <= Duration::from_secs(1), "{d:?}");
+        assert_eq!(s.next(Verdict::Now, None, NOW), Duration::ZERO);
+        assert_eq!(s.next(Verdict::Slow, None, NOW), Duration::from_secs(300));
+        assert_eq!(
+            s.next(Verdict::Rejected, None, NOW),
+            Duration::from_secs(60)
+        );
+        // Every one of them stops short of half the token's remaining lifetime.
+        let expires = Some(NOW + Duration::from_secs(100));
+        for v in [
+            Verdict::Ok,
+            Verdict::Retryable {
+                retry_after: Some(Duration::from_secs(3600)),
+            },
+            Verdict::Slow,
+            Verdict::Rejected,
+        ] {
+            assert_eq!(s.next(v, expires, NOW), Duration::from_secs(50), "{v:?}");
+        }
+    }
 
     #[test]
     fn equal_jitter_bounds() {

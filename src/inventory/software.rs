@@ -6,7 +6,9 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A version command that takes longer than this is broken (a hung docker daemon socket does
@@ -26,7 +28,31 @@ pub fn which(name: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
         })
 }
 
-/// Runs `program args…` and returns its trimmed stdout, or `None` on failure or timeout.
+/// Probe children still running, so that shutdown can kill them: the blocking thread that
+/// waits for one is abandoned at exit, and its child must not outlive the agent.
+static RUNNING: Mutex<Vec<(u64, Arc<Mutex<Child>>)>> = Mutex::new(Vec::new());
+static NEXT_PROBE: AtomicU64 = AtomicU64::new(0);
+
+fn running() -> std::sync::MutexGuard<'static, Vec<(u64, Arc<Mutex<Child>>)>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Kills and reaps every probe child still running (at exit).
+pub fn kill_running_probes() {
+    let children = std::mem::take(&mut *running());
+    for (_, child) in children {
+        let mut c = child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Runs `program args…` and returns its trimmed stdout, or `None` on failure or timeout. A
+/// child that outlives `timeout` is killed and reaped.
 pub fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Option<String> {
     let mut child = Command::new(program)
         .args(args)
@@ -37,37 +63,47 @@ pub fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Opt
         .env_remove("NOTIFY_SOCKET")
         .spawn()
         .ok()?;
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_micros(200);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                tracing::warn!(
-                    "{} {} did not finish within {timeout:?}; ignored",
-                    program.display(),
-                    args.join(" ")
-                );
-                return None;
-            }
-            Ok(None) => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(10));
-            }
-            Err(_) => return None,
-        }
+    let stdout = child.stdout.take();
+    let id = NEXT_PROBE.fetch_add(1, Ordering::Relaxed);
+    let child = Arc::new(Mutex::new(child));
+    running().push((id, Arc::clone(&child)));
+    let status = wait_with_deadline(&child, Instant::now() + timeout);
+    running().retain(|(i, _)| *i != id);
+    let Some(status) = status else {
+        tracing::warn!(
+            "{} {} did not finish within {timeout:?}; killed",
+            program.display(),
+            args.join(" ")
+        );
+        return None;
     };
     let mut out = String::new();
-    child
-        .stdout
-        .take()?
-        .take(MAX_OUTPUT)
-        .read_to_string(&mut out)
-        .ok()?;
+    stdout?.take(MAX_OUTPUT).read_to_string(&mut out).ok()?;
     let out = out.trim().to_string();
     (status.success() && !out.is_empty()).then_some(out)
+}
+
+/// Polls the child until it exits (its status) or the deadline passes (killed, reaped: `None`).
+fn wait_with_deadline(child: &Mutex<Child>, deadline: Instant) -> Option<ExitStatus> {
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let mut c = child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match c.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        drop(c);
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
 }
 
 /// One version probe: the program and its arguments.
