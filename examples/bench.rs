@@ -408,6 +408,7 @@ fn fleet(n: usize, jitter: bool, steady_s: u64, outage_s: u64, after_s: u64) -> 
                 shutdown: shutdown.clone(),
                 reload: None,
                 reloader: None,
+                collectors: None,
             };
             tokio::spawn(agent.run(control));
         }

@@ -95,6 +95,12 @@ fn run(overrides: &Overrides, args: &RunArgs) -> u8 {
                 reloader: Some(Box::new(move || {
                     Config::load(&reload_overrides, &process_env)
                 })),
+                collectors: Some(Box::new(|cfg: &Config| -> Arc<dyn Collector> {
+                    Arc::new(HostCollector::new(
+                        cfg.inventory.gpu,
+                        cfg.inventory.nvml_library.as_deref(),
+                    ))
+                })),
             })
             .await
     });

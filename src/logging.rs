@@ -24,22 +24,60 @@ pub fn parse_filter(level: &str) -> Result<Targets, String> {
     level.trim().parse::<Targets>().map_err(|e| e.to_string())
 }
 
-/// Installs the global subscriber. `level` was validated with the config; an invalid one
-/// (impossible in practice) falls back to `info`.
-pub fn init(level: &str, format: LogFormat) {
-    let filter = parse_filter(level).unwrap_or_else(|_| Targets::new().with_default(Level::INFO));
+type Base = tracing_subscriber::layer::Layered<
+    tracing_subscriber::reload::Layer<Targets, tracing_subscriber::Registry>,
+    tracing_subscriber::Registry,
+>;
+type FmtLayer = Box<dyn tracing_subscriber::Layer<Base> + Send + Sync>;
+
+/// The handles `reconfigure` uses to change the filter and the format of the running
+/// subscriber (SIGHUP).
+struct Handles {
+    filter: tracing_subscriber::reload::Handle<Targets, tracing_subscriber::Registry>,
+    fmt: tracing_subscriber::reload::Handle<FmtLayer, Base>,
+}
+
+static HANDLES: std::sync::OnceLock<Handles> = std::sync::OnceLock::new();
+
+fn fmt_layer(format: LogFormat) -> FmtLayer {
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = !under_journal && std::io::stderr().is_terminal();
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(ansi);
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match (format, under_journal) {
-        (LogFormat::Json, _) => registry.with(fmt.json().flatten_event(true)).try_init(),
-        (LogFormat::Text, true) => registry.with(fmt.without_time()).try_init(),
-        (LogFormat::Text, false) => registry.with(fmt).try_init(),
-    };
+    match (format, under_journal) {
+        (LogFormat::Json, _) => Box::new(fmt.json().flatten_event(true)),
+        (LogFormat::Text, true) => Box::new(fmt.without_time()),
+        (LogFormat::Text, false) => Box::new(fmt),
+    }
+}
+
+/// Installs the global subscriber. `level` was validated with the config; an invalid one
+/// (impossible in practice) falls back to `info`.
+pub fn init(level: &str, format: LogFormat) {
+    let filter = parse_filter(level).unwrap_or_else(|_| Targets::new().with_default(Level::INFO));
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
+    let (fmt, fmt_handle) = tracing_subscriber::reload::Layer::new(fmt_layer(format));
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init();
     // Already installed (tests calling twice): keep the first.
-    let _ = result;
+    if result.is_ok() {
+        let _ = HANDLES.set(Handles {
+            filter: filter_handle,
+            fmt: fmt_handle,
+        });
+    }
+}
+
+/// Applies a new level and format to the running subscriber (SIGHUP).
+pub fn reconfigure(level: &str, format: LogFormat) -> Result<(), String> {
+    let Some(h) = HANDLES.get() else {
+        return Err("logging is not initialised".to_string());
+    };
+    let filter = parse_filter(level)?;
+    h.filter.reload(filter).map_err(|e| e.to_string())?;
+    h.fmt.reload(fmt_layer(format)).map_err(|e| e.to_string())
 }

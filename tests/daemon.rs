@@ -168,7 +168,13 @@ async fn connection_refused_then_recovery() {
     let mut agent = Agent::new();
     agent.write_config(&config_text(&format!("http://{addr}/v1"), ""));
     agent.spawn(&[]);
-    agent.wait_output("cannot connect", 10 * SECOND).await;
+    // The log line names the phase and the address.
+    agent
+        .wait_output(
+            &format!("cannot connect to {addr}: connection refused"),
+            10 * SECOND,
+        )
+        .await;
     let listener = std::net::TcpListener::bind(addr).unwrap();
     let api = StandIn::start_on(Some(listener)).await;
     let seen = api.wait_requests(2, 10 * SECOND).await;
@@ -287,7 +293,9 @@ async fn silent_server_times_out_and_the_agent_keeps_going() {
     api.wait_requests(3, 10 * SECOND).await;
     agent.stop();
     assert!(
-        agent.all_output().contains("timed out"),
+        agent
+            .all_output()
+            .contains("no response within api.timeout (0.3s): timed out"),
         "{}",
         agent.all_output()
     );

@@ -283,7 +283,10 @@ async fn tls_untrusted_refused_private_ca_works_over_http1_and_http2() {
         Duration::ZERO,
     )
     .await;
-    agent.wait_output("certificate", 5 * SECOND).await;
+    agent
+        .wait_output("TLS handshake with localhost failed: the server's certificate is not signed by a trusted CA", 5 * SECOND)
+        .await;
+    assert!(agent.all_output().contains("api.ca_file"));
     assert!(
         seen.lock().unwrap().versions.is_empty(),
         "no request got through"

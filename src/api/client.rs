@@ -96,6 +96,8 @@ pub type Outcome = Result<Success, Failure>;
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     http: reqwest::Client,
+    timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl ApiClient {
@@ -129,6 +131,8 @@ impl ApiClient {
         }
         Ok(Self {
             http: builder.build().map_err(ClientError::Build)?,
+            timeout: cfg.timeout,
+            connect_timeout: cfg.connect_timeout,
         })
     }
 
@@ -171,7 +175,7 @@ impl ApiClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| Failure::new(FailureKind::Retryable, None, transport_error(&e)))?;
+            .map_err(|e| Failure::new(FailureKind::Retryable, None, self.phase_error(&e)))?;
         let status = resp.status();
         let retry_after = retry_after(resp.headers().get(RETRY_AFTER));
         let content_type = resp
@@ -185,7 +189,14 @@ impl ApiClient {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let code = status.as_u16();
-        let body = read_limited(resp, MAX_BODY_BYTES).await;
+        let body = read_limited(resp, MAX_BODY_BYTES)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(m) => m,
+                BodyError::Transport(e) => {
+                    format!("reading the body failed: {}", self.phase_error(&e))
+                }
+            });
 
         if status.is_success() {
             let body = body.map_err(|m| {
@@ -255,28 +266,115 @@ fn classify(status: StatusCode) -> FailureKind {
     }
 }
 
+enum BodyError {
+    TooLarge(String),
+    Transport(reqwest::Error),
+}
+
 /// Reads at most `limit` bytes of body; more is an error (and the rest is never read).
-async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
     if let Some(len) = resp.content_length()
         && len > limit as u64
     {
-        return Err(format!(
-            "body of {len} bytes exceeds the {limit}-byte limit"
-        ));
+        return Err(BodyError::TooLarge(format!(
+            "body too large: {len} bytes, exceeds the {limit}-byte limit"
+        )));
     }
     let mut buf = Vec::new();
     loop {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 if buf.len() + chunk.len() > limit {
-                    return Err(format!("body exceeds the {limit}-byte limit"));
+                    return Err(BodyError::TooLarge(format!(
+                        "body too large: exceeds the {limit}-byte limit"
+                    )));
                 }
                 buf.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(buf),
-            Err(e) => return Err(format!("reading the body failed: {}", transport_error(&e))),
+            Err(e) => return Err(BodyError::Transport(e)),
         }
     }
+}
+
+impl ApiClient {
+    /// Names the phase a request failed in — resolving, connecting, the TLS handshake, waiting
+    /// for the answer — with what an operator debugging DNS, a proxy or a CA needs to know.
+    fn phase_error(&self, e: &reqwest::Error) -> String {
+        let chain = transport_error(e);
+        let target = e.url().map_or_else(String::new, |u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or("?"),
+                u.port_or_known_default().unwrap_or(0)
+            )
+        });
+        let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
+        phase_message(
+            &chain,
+            e.is_connect(),
+            e.is_timeout(),
+            &target,
+            host,
+            self.timeout,
+            self.connect_timeout,
+        )
+    }
+}
+
+/// The phase message for a transport error's text (`chain`, its causes on one line).
+fn phase_message(
+    chain: &str,
+    connect: bool,
+    timeout: bool,
+    target: &str,
+    host: &str,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+) -> String {
+    let t = |d: Duration| format!("{}s", d.as_secs_f64());
+    if let Some(i) = chain.find("resolving ") {
+        // The resolver's own message names the host and the timeout.
+        return chain[i..].to_string();
+    }
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        let why = if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
+            "the server's certificate is not signed by a trusted CA (unknown issuer); if the API or a TLS-inspecting proxy uses a private CA, name it in api.ca_file"
+        } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+            "the server's certificate is not valid for this host name (name mismatch); check api.url"
+        } else if lower.contains("expired") {
+            "the server's certificate has expired (or this machine's clock is wrong)"
+        } else if lower.contains("notvalidyet") || lower.contains("not valid yet") {
+            "the server's certificate is not valid yet (or this machine's clock is wrong)"
+        } else {
+            "the handshake failed"
+        };
+        return format!("TLS handshake with {host} failed: {why} ({chain})");
+    }
+    if connect && timeout {
+        return format!(
+            "cannot connect to {target}: timed out after {} ({chain})",
+            t(connect_timeout)
+        );
+    }
+    if connect {
+        let reason = if lower.contains("refused") {
+            "connection refused"
+        } else if lower.contains("unreachable") {
+            "network unreachable"
+        } else {
+            "connect failed"
+        };
+        return format!("cannot connect to {target}: {reason} ({chain})");
+    }
+    if timeout {
+        return format!(
+            "no response within api.timeout ({}): timed out ({chain})",
+            t(request_timeout)
+        );
+    }
+    chain.to_string()
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`].
@@ -367,6 +465,70 @@ mod tests {
         );
         assert_eq!(classify(StatusCode::FOUND), FailureKind::Rejected);
         assert_eq!(classify(StatusCode::BAD_REQUEST), FailureKind::Rejected);
+    }
+
+    #[test]
+    fn each_failed_phase_is_named() {
+        let m = |chain: &str, connect, timeout| {
+            phase_message(
+                chain,
+                connect,
+                timeout,
+                "api.example:443",
+                "api.example",
+                Duration::from_secs(10),
+                Duration::from_secs(5),
+            )
+        };
+        assert_eq!(
+            m(
+                "cannot connect: error sending request: client error (Connect): resolving api.example timed out after 5s",
+                true,
+                false
+            ),
+            "resolving api.example timed out after 5s"
+        );
+        assert!(
+            m("cannot connect: client error (Connect): tcp connect error: Connection refused (os error 111)", true, false)
+                .starts_with("cannot connect to api.example:443: connection refused")
+        );
+        assert!(
+            m(
+                "timed out: client error (Connect): operation timed out",
+                true,
+                true
+            )
+            .starts_with("cannot connect to api.example:443: timed out after 5s")
+        );
+        for (chain, why) in [
+            (
+                "cannot connect: invalid peer certificate: UnknownIssuer",
+                "not signed by a trusted CA",
+            ),
+            (
+                "cannot connect: invalid peer certificate: NotValidForName",
+                "name mismatch",
+            ),
+            (
+                "cannot connect: invalid peer certificate: Expired",
+                "expired",
+            ),
+            (
+                "cannot connect: received fatal alert: HandshakeFailure",
+                "handshake failed",
+            ),
+        ] {
+            let got = m(chain, true, false);
+            assert!(
+                got.starts_with("TLS handshake with api.example failed: "),
+                "{got}"
+            );
+            assert!(got.contains(why), "{got}");
+        }
+        assert!(
+            m("timed out: operation timed out", false, true)
+                .starts_with("no response within api.timeout (10s): timed out")
+        );
     }
 
     #[test]

@@ -92,7 +92,13 @@ pub struct Control {
     pub reload: Option<mpsc::Receiver<()>>,
     /// How to re-read the configuration.
     pub reloader: Option<Reloader>,
+    /// How to build the inventory collector for a configuration (SIGHUP changing
+    /// `inventory.gpu` or `inventory.nvml_library`); `None` keeps the one given at start.
+    pub collectors: Option<CollectorFactory>,
 }
+
+/// Builds the inventory collector for a configuration.
+pub type CollectorFactory = Box<dyn Fn(&Config) -> Arc<dyn Collector> + Send>;
 
 // ---------------------------------------------------------------------------------------------
 // The loop.
@@ -279,7 +285,7 @@ impl Agent {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 Some(()) = recv_reload(&mut control.reload) => {
-                    self.reload(control.reloader.as_ref());
+                    self.reload(control.reloader.as_ref(), control.collectors.as_ref());
                     // Pick up the new interval now, and retry soon after a fix.
                     next_beat = next_beat.min(
                         Instant::now() + jittered(self.cfg.heartbeat.interval, self.cfg.heartbeat.jitter),
@@ -379,7 +385,9 @@ impl Agent {
         self.specs = Some(new);
     }
 
-    fn reload(&mut self, reloader: Option<&Reloader>) {
+    /// SIGHUP: applies every setting it can — logging, GPU discovery (a new collector), the
+    /// API client, the schedule, the credentials; the state directory needs a restart.
+    fn reload(&mut self, reloader: Option<&Reloader>, collectors: Option<&CollectorFactory>) {
         systemd::reloading();
         let Some(reloader) = reloader else {
             return;
@@ -422,6 +430,16 @@ impl Agent {
         }
         self.schedule.reconfigure(&cfg.heartbeat);
         self.client = client;
+        if let Err(e) = crate::logging::reconfigure(&cfg.log.level, cfg.log.format) {
+            debug!("reload: logging unchanged: {e}");
+        }
+        let inv = (&cfg.inventory.gpu, &cfg.inventory.nvml_library);
+        if inv != (&self.cfg.inventory.gpu, &self.cfg.inventory.nvml_library)
+            && let Some(build) = collectors
+        {
+            info!(gpu = ?cfg.inventory.gpu, "reload: GPU discovery reconfigured");
+            self.collector = build(&cfg);
+        }
         for w in &cfg.warnings {
             warn!("{w}");
         }

@@ -1,0 +1,73 @@
+//! SIGHUP applies every setting it can: the log level, GPU discovery (a new collector with
+//! another NVML library), the API URL — and says that the state directory needs a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn gpu_count(s: &Seen) -> i64 {
+    let body: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+    body["hardware"]["gpu_count"].as_i64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_log_level_the_gpu_mode_and_the_api_url() {
+    let first = StandIn::start().await;
+    let second = StandIn::start().await;
+    let mut agent = Agent::new();
+    let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
+    agent.write_config(
+        &config_text(&first.url(), "").replace("level = \"debug\"", "level = \"info\""),
+    );
+    agent.spawn(&[]);
+    let seen = first.wait_requests(2, 10 * SECOND).await;
+    assert_eq!(gpu_count(&seen[1]), 0, "gpu = off");
+    assert!(
+        !agent.all_output().contains("sending heartbeat"),
+        "debug lines at info level"
+    );
+
+    // Everything at once: level, GPU mode + library, API URL, and the state dir.
+    let other_state = agent.dir.path().join("other-state");
+    let text = config_text(&second.url(), "").replace(
+        "[inventory]\ngpu = \"off\"\n",
+        &format!(
+            "[inventory]\ngpu = \"nvml\"\nnvml_library = \"{}\"\n",
+            lib.display()
+        ),
+    );
+    std::fs::write(
+        agent.config_path(),
+        format!("{text}\n[state]\ndir = \"{}\"\n", other_state.display()),
+    )
+    .unwrap();
+    agent.signal("HUP");
+    let seen = second.wait_requests(3, 10 * SECOND).await;
+    agent.stop();
+    // The new API gets the bootstrap token (the state was for the old URL) and 8 GPUs.
+    assert_eq!(
+        seen[0].auth.as_deref(),
+        Some(format!("Bearer {BOOT}").as_str())
+    );
+    assert!(seen.iter().all(|s| s.status == 200), "{seen:?}");
+    assert_eq!(
+        gpu_count(seen.last().unwrap()),
+        8,
+        "gpu = nvml after reload"
+    );
+    let out = agent.all_output();
+    assert!(
+        out.contains("sending heartbeat"),
+        "debug level after reload: {out}"
+    );
+    assert!(out.contains("GPU discovery reconfigured"), "{out}");
+    assert!(out.contains("state.dir changed"), "{out}");
+    assert!(out.contains("takes a restart"), "{out}");
+    // The state directory did not change under the running agent.
+    assert!(!other_state.exists());
+    assert!(agent.state_file().exists());
+}
