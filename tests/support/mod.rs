@@ -518,46 +518,34 @@ impl Drop for Agent {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Contract: the shared OpenAPI spec.
+// Contract: the part of the OpenAPI spec kept in the repository (tests/contract/).
 
-/// `../shared/exalsius-api/openapi` beside the repository (or `$EXALSIUS_API_SPEC`).
-pub fn spec_dir() -> PathBuf {
+pub mod contract;
+
+/// `../shared/exalsius-api/openapi` beside the repository (or `$EXALSIUS_API_SPEC`), when it
+/// is there: the extract in `tests/contract/` is checked against it.
+pub fn spec_dir() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("EXALSIUS_API_SPEC") {
-        return PathBuf::from(p);
+        return Some(PathBuf::from(p));
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/exalsius-api/openapi")
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/exalsius-api/openapi");
+    p.join("openapi.yaml").exists().then_some(p)
 }
 
-fn load_yaml(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read the OpenAPI spec file {} ({e}); the contract tests need ../shared/exalsius-api",
-            path.display()
-        )
-    });
-    let y: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    serde_json::to_value(y).unwrap()
+/// `tests/contract/exalsius-api.json`: the schemas the tests check, extracted from the spec.
+pub fn contract_extract() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/contract/exalsius-api.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-/// Inlines every relative `$ref` and forbids properties the spec does not define, so a body
-/// with a misspelt or invented field fails.
-fn resolve(v: serde_json::Value, base: &Path) -> serde_json::Value {
+/// Forbids properties the spec does not define, so a body with a misspelt or invented field
+/// fails.
+fn strict(v: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match v {
         Value::Object(map) => {
-            if let Some(Value::String(r)) = map.get("$ref") {
-                let path = base.join(r);
-                let loaded = load_yaml(&path);
-                return resolve(loaded, path.parent().unwrap());
-            }
-            let mut out = serde_json::Map::new();
-            for (k, v) in map {
-                // OpenAPI annotations that are not JSON Schema keywords.
-                if k == "example" || k == "examples" {
-                    continue;
-                }
-                out.insert(k, resolve(v, base));
-            }
+            let mut out: serde_json::Map<String, Value> =
+                map.into_iter().map(|(k, v)| (k, strict(v))).collect();
             if out.get("type") == Some(&Value::String("object".into()))
                 && out.contains_key("properties")
             {
@@ -565,16 +553,19 @@ fn resolve(v: serde_json::Value, base: &Path) -> serde_json::Value {
             }
             Value::Object(out)
         }
-        Value::Array(a) => Value::Array(a.into_iter().map(|x| resolve(x, base)).collect()),
+        Value::Array(a) => Value::Array(a.into_iter().map(strict).collect()),
         other => other,
     }
 }
 
 /// The JSON Schema of a component file, e.g. `components/requests/node-patch-request.yaml`.
 pub fn schema(rel: &str) -> serde_json::Value {
-    let path = spec_dir().join(rel);
-    let v = load_yaml(&path);
-    resolve(v, path.parent().unwrap())
+    let schema = contract_extract()["schemas"][rel].clone();
+    assert!(
+        !schema.is_null(),
+        "{rel} is not in tests/contract/exalsius-api.json"
+    );
+    strict(schema)
 }
 
 /// Asserts `body` validates against the schema in `rel`, with int32 bounds checked too.
