@@ -34,6 +34,8 @@ struct Stats {
     first: HashMap<String, Instant>,
     /// Requests per 100 ms bucket since `t0` (fleet).
     buckets: Vec<u64>,
+    /// The same, without each node's first request (the start-up splay's figure).
+    later_buckets: Vec<u64>,
 }
 
 struct Server {
@@ -76,9 +78,14 @@ fn start_server() -> Server {
                                 let bucket = t.lock().unwrap().elapsed().as_millis() as usize / 100;
                                 if st.buckets.len() <= bucket {
                                     st.buckets.resize(bucket + 1, 0);
+                                    st.later_buckets.resize(bucket + 1, 0);
                                 }
                                 st.buckets[bucket] += 1;
-                                *st.per_node.entry(node.clone()).or_default() += 1;
+                                let seen = st.per_node.entry(node.clone()).or_default();
+                                *seen += 1;
+                                if *seen > 1 {
+                                    st.later_buckets[bucket] += 1;
+                                }
                                 st.first.entry(node.clone()).or_insert_with(Instant::now);
                             }
                             let resp = if f.load(Ordering::Relaxed) {
@@ -372,7 +379,7 @@ struct FleetResult {
     outage_capped: f64,
     recovery_peak: f64,
     startup_peak: f64,
-    /// Peak 1-s rate in the steady phase, windows starting after the first second (the first
+    /// Peak 1-s rate in the steady phase without each agent's first heartbeat (the first
     /// heartbeats of all agents go out together by design).
     after_first_peak: f64,
     per_second: Vec<u64>,
@@ -435,16 +442,20 @@ fn fleet(
         shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(200)).await;
     });
-    let buckets = server.stats.lock().unwrap().buckets.clone();
+    let (buckets, later) = {
+        let st = server.stats.lock().unwrap();
+        (st.buckets.clone(), st.later_buckets.clone())
+    };
     let sec = |s: u64| -> u64 { buckets.iter().skip(s as usize * 10).take(10).sum() };
     // Peak over any 1-second window (10 consecutive 100 ms buckets) in a range of seconds.
-    let peak = |from: u64, to: u64| -> f64 {
+    let peak_of = |buckets: &[u64], from: u64, to: u64| -> f64 {
         let (a, b) = (from as usize * 10, (to as usize * 10).min(buckets.len()));
         (a..b.saturating_sub(9))
             .map(|i| buckets[i..i + 10].iter().sum::<u64>())
             .max()
             .unwrap_or(0) as f64
     };
+    let peak = |from: u64, to: u64| peak_of(&buckets, from, to);
     let mean = |from: u64, to: u64| -> f64 {
         (from..to).map(sec).sum::<u64>() as f64 / (to - from) as f64
     };
@@ -454,7 +465,7 @@ fn fleet(
         outage_capped: mean(steady_s + outage_s - 10, steady_s + outage_s),
         recovery_peak: peak(steady_s + outage_s, steady_s + outage_s + 20.min(after_s)),
         startup_peak: peak(0, 8),
-        after_first_peak: peak(1, steady_s),
+        after_first_peak: peak_of(&later, 0, steady_s),
         per_second: (0..total).map(sec).collect(),
     }
 }
