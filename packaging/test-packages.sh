@@ -55,24 +55,17 @@ fi
 say "build"
 rm -rf "$PKG"
 bash packaging/build.sh "$PKG" >"$WORK/build1.log" 2>&1 || { cat "$WORK/build1.log"; die "build"; }
-DEB_REVISION=2 bash packaging/build.sh "$PKG/upgrade" >"$WORK/build2.log" 2>&1 || { cat "$WORK/build2.log"; die "build -2"; }
+DEB_REVISION=2 bash packaging/build.sh --arch amd64 "$PKG/upgrade" >"$WORK/build2.log" 2>&1 || { cat "$WORK/build2.log"; die "build -2"; }
 DEB=$(ls "$PKG"/exalsius-node-agent_*-1_amd64.deb)
 DEB2=$(ls "$PKG"/upgrade/exalsius-node-agent_*-2_amd64.deb)
 RPM=$(ls "$PKG"/exalsius-node-agent-*.x86_64.rpm)
 ok "built $(basename "$DEB"), $(basename "$DEB2"), $(basename "$RPM")"
 
 say "static checks"
-# Accepted lintian warnings: initial-upload-closes-no-bugs (not a Debian upload) and
-# non-standard-file-perm for the 0640 config (it may hold the token).
-lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs,non-standard-file-perm "$DEB" \
-  || die "lintian"
-ok "lintian: no errors, no warnings beyond the two accepted"
-rpmlint -c packaging/rpmlint.toml "$RPM" | tee "$WORK/rpmlint.txt"
-grep -q ' 0 errors, 0 warnings' "$WORK/rpmlint.txt" || die "rpmlint"
-ok "rpmlint: 0 errors (accepted findings listed in packaging/rpmlint.toml)"
-max_glibc=$(objdump -T target/assets/exalsius-node-agent | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
-[ "$(printf '%s\n2.28\n' "$max_glibc" | sort -V | tail -1)" = "2.28" ] || die "needs glibc $max_glibc > 2.28"
-ok "highest GLIBC_ symbol version: $max_glibc (≤ 2.28)"
+. packaging/checks.sh
+lint_packages amd64 "$DEB" "$RPM"
+glibc_ceiling amd64 target/assets/exalsius-node-agent
+audit_info amd64 target/assets/exalsius-node-agent
 objdump -p target/assets/exalsius-node-agent >"$WORK/objdump.txt"
 grep -q 'NEEDED *libc.so.6' "$WORK/objdump.txt" || die "binary is not dynamically linked against glibc"
 ok "dynamically linked against glibc (can dlopen libnvidia-ml.so.1)"

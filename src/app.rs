@@ -139,7 +139,15 @@ fn inventory(overrides: &Overrides, args: &InventoryArgs) -> u8 {
     };
     crate::logging::init(&level, Default::default());
     let gpu_mode = args.gpu.map_or(gpu_mode, Into::into);
-    let inv = HostCollector::new(gpu_mode, nvml_library.as_deref()).collect();
+    let root = args.root.as_deref().unwrap_or(std::path::Path::new("/"));
+    if !root.is_dir() {
+        eprintln!(
+            "exalsius-node-agent: --root {}: not a directory",
+            root.display()
+        );
+        return EXIT_FAILURE;
+    }
+    let inv = HostCollector::with_root(root, gpu_mode, nvml_library.as_deref()).collect();
     let mut out = std::io::stdout().lock();
     let text = if args.json {
         serde_json::to_string_pretty(&crate::api::NodePatchRequest::new(

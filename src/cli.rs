@@ -124,6 +124,10 @@ pub struct InventoryArgs {
     /// GPU discovery mode for this run [default: inventory.gpu from the config, else auto]
     #[arg(long, value_enum)]
     pub gpu: Option<GpuModeArg>,
+    /// Read /proc, /sys and /etc below DIR instead of / (a mounted image of another node, or a
+    /// fixture tree); memory and tool versions still come from the running host
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<std::path::PathBuf>,
 }
 
 /// `--gpu` values.

@@ -151,27 +151,32 @@ async fn one_writer_per_state_directory() {
     assert!(seen[n..].iter().all(|s| s.status == 200), "{seen:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unusual_but_valid_answers_keep_the_token() {
+/// Runs the agent for three heartbeats against answers that carry `extra`; checks that each
+/// request carried the token the one before it was issued, as `Bearer`. Returns the agent.
+async fn three_heartbeats_with(extra: serde_json::Value) -> Agent {
     let api = StandIn::start().await;
-    api.with(|s| {
-        s.extra = Some(serde_json::json!({
-            "next_access_token_expires_in": 3600.0,
-            "next_access_token_type": "bearer",
-            "node_labels": {"zone": "b"},
-            "server_time": null
-        }))
-    });
+    api.with(|s| s.extra = Some(extra));
     let mut agent = Agent::new();
     agent.write_config(&config_text(&api.url(), ""));
     agent.spawn(&[]);
     let seen = api.wait_requests(3, 10 * SECOND).await;
     agent.stop();
     assert!(seen.iter().all(|s| s.status == 200), "{seen:?}");
-    // Each request carries the token issued by the previous one, as `Bearer`.
     let issued = api.issued();
     assert_eq!(seen[1].auth.as_deref(), Some(bearer(&issued[0]).as_str()));
     assert_eq!(seen[2].auth.as_deref(), Some(bearer(&issued[1]).as_str()));
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusual_but_valid_answers_keep_the_token() {
+    let agent = three_heartbeats_with(serde_json::json!({
+        "next_access_token_expires_in": 3600.0,
+        "next_access_token_type": "bearer",
+        "node_labels": {"zone": "b"},
+        "server_time": null
+    }))
+    .await;
     let state = agent.state_json();
     assert!(state["token_expires_at"].is_string(), "{state}");
     assert_eq!(state["token_type"], "Bearer");
@@ -179,21 +184,11 @@ async fn unusual_but_valid_answers_keep_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_optional_field_is_logged_and_the_token_kept() {
-    let api = StandIn::start().await;
-    api.with(|s| {
-        s.extra = Some(serde_json::json!({
-            "next_access_token_expires_in": -30,
-            "next_access_token_type": "MAC"
-        }))
-    });
-    let mut agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
-    agent.spawn(&[]);
-    let seen = api.wait_requests(3, 10 * SECOND).await;
-    agent.stop();
-    assert!(seen.iter().all(|s| s.status == 200), "{seen:?}");
-    let issued = api.issued();
-    assert_eq!(seen[2].auth.as_deref(), Some(bearer(&issued[1]).as_str()));
+    let agent = three_heartbeats_with(serde_json::json!({
+        "next_access_token_expires_in": -30,
+        "next_access_token_type": "MAC"
+    }))
+    .await;
     let out = agent.all_output();
     assert!(out.contains("next_access_token_expires_in = -30"), "{out}");
     assert!(out.contains("sending Bearer"), "{out}");

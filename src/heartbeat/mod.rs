@@ -231,7 +231,12 @@ impl Agent {
         // First inventory before the first heartbeat.
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                // Stopped while the first collection was still running (a hung probe).
+                systemd::stopping();
+                info!("stopped");
+                return Ok(());
+            }
             () = self.refresh_inventory_now() => {}
         }
         if self.mode == Mode::Once {

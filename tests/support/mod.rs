@@ -606,10 +606,15 @@ fn check_int32(schema: &serde_json::Value, v: &serde_json::Value) {
 /// Compiles `tests/support/fake_nvml.c` into `dir/libnvidia-ml.so.1` with the machine's C
 /// compiler and writes its config (`fake_nvml.conf`, beside it).
 pub fn build_fake_nvml(dir: &Path, conf: &str) -> PathBuf {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    build_fake_nvml_with(&cc, dir, conf)
+}
+
+/// Like [`build_fake_nvml`] with a given C compiler (a cross compiler for the arm64 proof).
+pub fn build_fake_nvml_with(cc: &str, dir: &Path, conf: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_nvml.c");
     let lib = dir.join("libnvidia-ml.so.1");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let out = Command::new(&cc)
+    let out = Command::new(cc)
         .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
         .arg(&lib)
         .arg(&src)
