@@ -1,12 +1,11 @@
-//! The heartbeat loop: schedule, classify outcomes, retry/backoff, token rotation, persistence.
+//! The heartbeat loop: sends, classifies each outcome, persists the state, logs, and waits.
 //!
-//! Cadence: the first heartbeat goes out at start, then every `interval × (1 ± jitter)`, and
-//! never later than half the lifetime of the token the API just issued. Failures are
-//! classified (see [`FailureKind`]) into: exponential backoff with equal jitter (transport
-//! errors, timeouts, 5xx, 429), a fallback to the bootstrap token and then slow retries (401/403),
-//! slow retries (404), or the normal cadence (400/422/3xx). `Retry-After` is honoured.
-//! Scheduling uses the monotonic clock (`tokio::time::Instant`); wall-clock time is used only
-//! for token expiry and the timestamps in the state file.
+//! The decisions live beside it as pure code: [`schedule`] turns an outcome into the wait
+//! (first heartbeat at once, the start splay, `interval × (1 ± jitter)`, backoff with equal
+//! jitter, `Retry-After`, the slow schedule, never past half the token's remaining lifetime);
+//! [`credentials`] decides which token is sent and which is stored. Scheduling uses the
+//! monotonic clock (`tokio::time::Instant`); wall-clock time is used only for token expiry and
+//! the timestamps in the state file.
 
 pub mod credentials;
 pub mod schedule;
