@@ -325,7 +325,10 @@ async fn a_non_root_register_says_the_service_will_not_see_it() {
     let cfg = home.path().join("agent.toml");
     std::fs::write(&cfg, bare_config(&api.url())).unwrap();
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut cmd = clean_command();
+    // A copy nobody can reach whatever the permissions of the checkout's directories.
+    let copy = home.path().join("exalsius-node-agent");
+    std::fs::copy(bin(), &copy).unwrap();
+    let mut cmd = clean_command_for(&copy);
     cmd.arg("--config")
         .arg(&cfg)
         .args(register_args(&[]))

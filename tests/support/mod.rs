@@ -301,7 +301,12 @@ pub fn bin() -> &'static str {
 
 /// The binary with none of the caller's agent, proxy or systemd variables.
 pub fn clean_command() -> Command {
-    let mut c = Command::new(bin());
+    clean_command_for(Path::new(bin()))
+}
+
+/// Like [`clean_command`], for another copy of the binary.
+pub fn clean_command_for(bin: &Path) -> Command {
+    let mut c = Command::new(bin);
     for v in [
         "EXALSIUS_AGENT_CONFIG",
         "EXALSIUS_API_URL",
