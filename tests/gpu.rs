@@ -98,6 +98,47 @@ fn driver_not_loaded_falls_back_to_pci() {
     assert_eq!(inv.specs.hardware.gpu_count, 0);
 }
 
+/// An NVML query that starts failing with an error (not a timeout) keeps the last good answer;
+/// with none yet, the PCI scan stands in.
+#[test]
+fn an_nvml_error_keeps_the_last_good_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=8\n");
+    let collector = HostCollector::with_root(&fixture_host("vm-nogpu"), GpuMode::Auto, Some(&lib));
+    assert_eq!(collector.collect().specs.hardware.gpu_count, 8);
+    // NVML_ERROR_UNKNOWN (999), then NVML_ERROR_GPU_IS_LOST (15) from the device count.
+    for code in [999, 15] {
+        set_fake_nvml(dir.path(), &format!("count=8\ncount_result={code}\n"));
+        let inv = collector.collect();
+        let h = &inv.specs.hardware;
+        assert_eq!(h.gpu_count, 8, "error {code}: last good data");
+        assert_eq!(h.gpu_type, "NVIDIA H100 80GB HBM3");
+        assert!(
+            inv.details
+                .gpu_notes
+                .iter()
+                .any(|n| n.contains("last good NVML data")),
+            "{:?}",
+            inv.details.gpu_notes
+        );
+    }
+    // It recovers: the fresh answer is used again.
+    set_fake_nvml(dir.path(), "count=4\n");
+    assert_eq!(collector.collect().specs.hardware.gpu_count, 4);
+    // No good answer yet: the PCI scan of the host stands in (8 A100 on this fixture).
+    let fresh = HostCollector::with_root(
+        &fixture_host("a100x8"),
+        GpuMode::Auto,
+        Some(&build_fake_nvml(
+            tempfile::tempdir().unwrap().path(),
+            "count_result=999\n",
+        )),
+    );
+    let inv = fresh.collect();
+    assert_eq!(inv.specs.hardware.gpu_count, 8);
+    assert_eq!(inv.specs.hardware.gpu_type, "NVIDIA A100 SXM4 80GB");
+}
+
 #[test]
 fn blocking_nvml_is_abandoned_and_the_last_good_data_reported() {
     let dir = tempfile::tempdir().unwrap();

@@ -126,6 +126,8 @@ pub struct GpuProbe {
     nvml: NvmlProbe,
     last_nvml: Mutex<Option<NvmlData>>,
     last_seen: Mutex<Option<Vec<Gpu>>>,
+    /// The last NVML failure warned about: one warning per distinct error, not per refresh.
+    last_error: Mutex<Option<String>>,
 }
 
 impl GpuProbe {
@@ -137,6 +139,7 @@ impl GpuProbe {
             nvml: NvmlProbe::new(nvml_library),
             last_nvml: Mutex::new(None),
             last_seen: Mutex::new(None),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -157,6 +160,9 @@ impl GpuProbe {
                     if let Ok(mut last) = self.last_nvml.lock() {
                         *last = Some(data);
                     }
+                    if let Ok(mut e) = self.last_error.lock() {
+                        *e = None;
+                    }
                 }
                 NvmlOutcome::NoLibrary(why) => {
                     if self.nvml.first_missing() {
@@ -166,29 +172,18 @@ impl GpuProbe {
                     }
                     report.notes.push(format!("NVML: {why}"));
                 }
-                NvmlOutcome::Failed(why) => {
-                    tracing::warn!("{why}; will retry at the next inventory refresh");
-                    report.notes.push(format!("NVML: {why}"));
-                }
-                outcome @ (NvmlOutcome::TimedOut | NvmlOutcome::Busy) => {
-                    let what = if outcome == NvmlOutcome::TimedOut {
-                        format!("NVML did not answer within {NVML_TIMEOUT:?}")
-                    } else {
-                        "an earlier NVML query is still stuck".to_string()
+                // Any NVML failure — an error, a timeout, a query still stuck — keeps the last
+                // good answer: a flapping driver must not make the node report 0 GPUs.
+                outcome => {
+                    let what = match outcome {
+                        NvmlOutcome::TimedOut => {
+                            format!("NVML did not answer within {NVML_TIMEOUT:?}")
+                        }
+                        NvmlOutcome::Busy => "an earlier NVML query is still stuck".to_string(),
+                        NvmlOutcome::Failed(why) => why,
+                        NvmlOutcome::Data(_) | NvmlOutcome::NoLibrary(_) => String::new(),
                     };
-                    let last = self.last_nvml.lock().ok().and_then(|l| l.clone());
-                    match last {
-                        Some(data) => {
-                            tracing::warn!("{what}; reporting the last good GPU data");
-                            report.nvidia_version = data.version_text();
-                            report.gpus = data.gpus;
-                            report.notes.push(format!("{what}: last good NVML data"));
-                        }
-                        None => {
-                            tracing::warn!("{what}; no earlier NVML data, using the PCI scan");
-                            report.notes.push(format!("{what}: PCI scan used"));
-                        }
-                    }
+                    self.nvml_failed(&what, &mut report);
                 }
             }
         }
@@ -216,6 +211,37 @@ impl GpuProbe {
             );
         }
         report
+    }
+
+    /// An NVML failure: the last good NVML answer if there is one (else the PCI scan stands
+    /// in, in `auto` mode), and a warning when this error differs from the last one warned.
+    fn nvml_failed(&self, what: &str, report: &mut GpuReport) {
+        let last = self.last_nvml.lock().ok().and_then(|l| l.clone());
+        let fallback = if last.is_some() {
+            "reporting the last good GPU data"
+        } else {
+            "no earlier NVML data, using the PCI scan"
+        };
+        let new_error = self
+            .last_error
+            .lock()
+            .map(|mut e| {
+                let new = e.as_deref() != Some(what);
+                *e = Some(what.to_string());
+                new
+            })
+            .unwrap_or(true);
+        if new_error {
+            tracing::warn!("{what}; {fallback}; retried at every inventory refresh");
+        }
+        match last {
+            Some(data) => {
+                report.nvidia_version = data.version_text();
+                report.gpus = data.gpus;
+                report.notes.push(format!("{what}: last good NVML data"));
+            }
+            None => report.notes.push(format!("{what}: PCI scan used")),
+        }
     }
 
     /// Warns about GPUs that were there at the last refresh and are gone now.
