@@ -139,6 +139,24 @@ fn an_nvml_error_keeps_the_last_good_data() {
     assert_eq!(inv.specs.hardware.gpu_type, "NVIDIA A100 SXM4 80GB");
 }
 
+/// Under the packaged unit NVML cannot create missing /dev/nvidia* nodes: init fails with
+/// NVML_ERROR_NO_PERMISSION (4) until something else creates them. One clear warning, retried
+/// at every refresh, and the GPUs appear once the nodes exist.
+#[test]
+fn nvml_without_permission_says_what_to_do_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "init_result=4\n");
+    let collector = HostCollector::with_root(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let inv = collector.collect();
+    assert_eq!(inv.specs.hardware.gpu_count, 0);
+    let note = inv.details.gpu_notes.join("\n");
+    assert!(note.contains("nvidia-persistenced"), "{note}");
+    assert!(note.contains("retries at every refresh"), "{note}");
+    // nvidia-persistenced has started: the next refresh sees the GPUs.
+    set_fake_nvml(dir.path(), "init_result=0\ncount=8\n");
+    assert_eq!(collector.collect().specs.hardware.gpu_count, 8);
+}
+
 #[test]
 fn blocking_nvml_is_abandoned_and_the_last_good_data_reported() {
     let dir = tempfile::tempdir().unwrap();

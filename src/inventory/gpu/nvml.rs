@@ -120,6 +120,14 @@ fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome
                     library.to_string_lossy()
                 ));
             }
+            Err(e @ NvmlError::NoPermission) => {
+                return NvmlOutcome::Failed(format!(
+                    "NVML init failed: {e}: the /dev/nvidia* device nodes are missing or not \
+                     accessible, and an unprivileged service cannot have them created; enable \
+                     nvidia-persistenced (systemctl enable --now nvidia-persistenced) or run \
+                     nvidia-smi once as root after boot — the agent retries at every refresh"
+                ));
+            }
             Err(e) => return NvmlOutcome::Failed(format!("NVML init failed: {e}")),
         }
     }
