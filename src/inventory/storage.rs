@@ -4,8 +4,11 @@
 //! `ram*`, `zram*`, `dm-*`, `md*`, `nbd*`, `sr*`, `fd*`, and anything whose `removable` is 1),
 //! sized by its `size` file (always in 512-byte sectors). Partitions live below their disk
 //! in sysfs, so they are not counted again; device-mapper and md devices are views of disks
-//! already counted. When no disk is found (some containers, VMs with odd drivers), the root
-//! filesystem's size is used instead.
+//! already counted. Multipath counts once: a SCSI disk held by a multipath map (a `dm-*` whose
+//! `dm/uuid` starts with `mpath-`) is a path, and the map is counted instead; NVMe's hidden
+//! per-controller paths (`nvmeXcYnZ`) are skipped, the namespace head (`nvmeXnY`) counts. When
+//! no disk is found (some containers, VMs with odd drivers), the root filesystem's size is used
+//! instead.
 
 use serde::Serialize;
 use std::path::Path;
@@ -27,21 +30,53 @@ pub struct Disk {
     pub model: Option<String>,
 }
 
-/// Physical disks under `{root}/sys/block`.
+/// True for a device-mapper device that is a multipath map.
+fn is_multipath_map(block: &Path, name: &str) -> bool {
+    std::fs::read_to_string(block.join(name).join("dm/uuid"))
+        .is_ok_and(|u| u.trim_start().starts_with("mpath-"))
+}
+
+/// True for NVMe's per-controller path devices (`nvme0c1n1`), hidden behind `nvme0n1`.
+fn is_nvme_path(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("nvme") else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match rest
+        .split_once('c')
+        .and_then(|(ctrl, r)| Some((ctrl, r.split_once('n')?)))
+    {
+        Some((ctrl, (path, ns))) => digits(ctrl) && digits(path) && digits(ns),
+        None => false,
+    }
+}
+
+/// Physical disks under `{root}/sys/block`, each counted once (see the module docs).
 pub fn disks(root: &Path) -> Vec<Disk> {
-    let Ok(entries) = std::fs::read_dir(root.join("sys/block")) else {
+    let block = root.join("sys/block");
+    let Ok(entries) = std::fs::read_dir(&block) else {
         return Vec::new();
     };
     let mut out: Vec<Disk> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            if VIRTUAL_PREFIXES.iter().any(|p| name.starts_with(p)) {
-                return None;
-            }
             let dir = e.path();
             let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-            if read("removable").is_some_and(|r| r.trim() == "1") {
+            let map = name.starts_with("dm-") && is_multipath_map(&block, &name);
+            if !map && VIRTUAL_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                return None;
+            }
+            if is_nvme_path(&name) || read("hidden").is_some_and(|h| h.trim() == "1") {
+                return None;
+            }
+            // A path of a multipath map: the map is counted instead.
+            let held_by_map = std::fs::read_dir(dir.join("holders")).is_ok_and(|holders| {
+                holders
+                    .filter_map(Result::ok)
+                    .any(|h| is_multipath_map(&block, &h.file_name().to_string_lossy()))
+            });
+            if held_by_map || read("removable").is_some_and(|r| r.trim() == "1") {
                 return None;
             }
             let sectors: u64 = read("size")?.trim().parse().ok()?;
@@ -49,9 +84,18 @@ pub fn disks(root: &Path) -> Vec<Disk> {
             if bytes == 0 {
                 return None;
             }
-            let model = read("device/model")
-                .map(|m| m.trim().to_string())
-                .filter(|m| !m.is_empty());
+            let (name, model) = if map {
+                let alias = read("dm/name").map(|n| n.trim().to_string());
+                (
+                    alias.filter(|n| !n.is_empty()).unwrap_or(name),
+                    Some("multipath".to_string()),
+                )
+            } else {
+                let model = read("device/model")
+                    .map(|m| m.trim().to_string())
+                    .filter(|m| !m.is_empty());
+                (name, model)
+            };
             Some(Disk { name, bytes, model })
         })
         .collect();
@@ -85,6 +129,27 @@ mod tests {
         assert_eq!(gb_rounded(1_920_383_410_176), 1920);
         assert_eq!(gb_rounded(499_999_999), 0);
         assert_eq!(gb_rounded(500_000_000), 1);
+    }
+
+    #[test]
+    fn multipath_disks_count_once() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/multipath");
+        let got: Vec<(String, u64)> = disks(&root)
+            .into_iter()
+            .map(|d| (d.name, d.bytes))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                // The SCSI map once (not sda + sdb), the NVMe namespace head once (not its two
+                // controller paths), and the local disk under an LVM volume.
+                ("mpatha".to_string(), 3_750_748_848 * 512),
+                ("nvme0n1".to_string(), 7_501_476_528 * 512),
+                ("sdc".to_string(), 937_703_088 * 512),
+            ]
+        );
+        assert!(is_nvme_path("nvme0c1n1") && is_nvme_path("nvme12c3n45"));
+        assert!(!is_nvme_path("nvme0n1") && !is_nvme_path("nvme0c1") && !is_nvme_path("nvmexcyn1"));
     }
 
     #[test]
