@@ -61,18 +61,48 @@ fn eight_h100_through_nvml() {
 }
 
 #[test]
-fn auto_adds_pci_gpus_nvml_did_not_cover() {
+fn auto_adds_other_vendors_but_takes_nvidia_from_nvml_only() {
     let dir = tempfile::tempdir().unwrap();
-    // NVML sees 2 H100s; the fixture's PCI bus has 8 A100s at other addresses.
+    // NVML sees 2 H100s; the MI300X host's PCI bus has 8 AMD GPUs: all counted.
     let lib = build_fake_nvml(dir.path(), "count=2\n");
-    let inv = collect(&fixture_host("a100x8"), GpuMode::Auto, Some(&lib));
+    let inv = collect(&fixture_host("mi300x"), GpuMode::Auto, Some(&lib));
     assert_eq!(inv.specs.hardware.gpu_count, 10);
-    assert_eq!(
-        inv.specs.hardware.gpu_type, "NVIDIA A100 SXM4 80GB",
-        "most common model"
-    );
+    assert_eq!(inv.specs.hardware.gpu_vendor, "AMD", "most common model");
     let idx: Vec<u32> = inv.details.gpus.iter().map(|g| g.index).collect();
     assert_eq!(idx, (0..10).collect::<Vec<_>>());
+    // When NVML works, NVIDIA GPUs on the bus that NVML does not report are not counted.
+    let inv = collect(&fixture_host("a100x8"), GpuMode::Auto, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 2);
+    assert_eq!(inv.specs.hardware.gpu_type, "NVIDIA H100 80GB HBM3");
+    let unusable = inv
+        .details
+        .gpu_notes
+        .iter()
+        .filter(|n| n.contains("on the PCI bus but NVML cannot use it"))
+        .count();
+    assert_eq!(unusable, 8, "{:?}", inv.details.gpu_notes);
+}
+
+/// A GPU NVML reports lost (GPU_IS_LOST) while it stays on the PCI bus is not counted, and is
+/// named with its bus id and the UUID the last refresh knew.
+#[test]
+fn a_lost_gpu_still_on_the_bus_is_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=8\n");
+    let collector = HostCollector::with_root(&fixture_host("h100x8"), GpuMode::Auto, Some(&lib));
+    assert_eq!(
+        collector.collect().specs.hardware.gpu_count,
+        8,
+        "no GPU counted twice"
+    );
+    set_fake_nvml(dir.path(), "count=8\nlost_index=3\n");
+    let inv = collector.collect();
+    assert_eq!(inv.specs.hardware.gpu_count, 7);
+    let note = inv.details.gpu_notes.join("\n");
+    assert!(
+        note.contains("NVIDIA GPU at 0000:5d:00.0 (GPU-f00dfeed-0000-4000-8000-000000000003) is on the PCI bus but NVML cannot use it"),
+        "{note}"
+    );
 }
 
 #[test]

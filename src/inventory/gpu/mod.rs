@@ -128,6 +128,8 @@ pub struct GpuProbe {
     last_seen: Mutex<Option<Vec<Gpu>>>,
     /// The last NVML failure warned about: one warning per distinct error, not per refresh.
     last_error: Mutex<Option<String>>,
+    /// Bus ids of NVIDIA GPUs on the PCI bus that NVML cannot use, already warned about.
+    unusable_warned: Mutex<Vec<String>>,
 }
 
 impl GpuProbe {
@@ -140,6 +142,7 @@ impl GpuProbe {
             last_nvml: Mutex::new(None),
             last_seen: Mutex::new(None),
             last_error: Mutex::new(None),
+            unusable_warned: Mutex::new(Vec::new()),
         }
     }
 
@@ -187,15 +190,39 @@ impl GpuProbe {
                 }
             }
         }
-        // auto: the PCI scan adds what NVML did not cover (AMD, Intel, NVIDIA without driver).
+        // auto: the PCI scan adds what NVML did not cover: other vendors always, NVIDIA only
+        // when NVML gave no answer at all (no driver, or failing since start).
         if matches!(self.mode, GpuMode::Auto | GpuMode::Pci) {
             let (pci_gpus, notes) = pci::scan(&self.root);
             report.notes.extend(notes);
+            let nvml_answered =
+                report.gpus.iter().any(|g| g.source == "nvml") || report.nvidia_version.is_some();
+            let mut nvml_without_bus_id = report
+                .gpus
+                .iter()
+                .filter(|g| g.source == "nvml" && g.bus_id.is_empty())
+                .count();
+            let mut unusable = Vec::new();
             for g in pci_gpus {
-                if !report.gpus.iter().any(|n| n.bus_id == g.bus_id) {
-                    report.gpus.push(g);
+                if report
+                    .gpus
+                    .iter()
+                    .any(|n| !n.bus_id.is_empty() && n.bus_id == g.bus_id)
+                {
+                    continue;
                 }
+                if self.mode == GpuMode::Auto && nvml_answered && g.vendor == Vendor::Nvidia {
+                    // Counted by NVML without a bus id, or on the bus but unusable: never twice.
+                    if nvml_without_bus_id > 0 {
+                        nvml_without_bus_id -= 1;
+                    } else {
+                        unusable.push(g.bus_id);
+                    }
+                    continue;
+                }
+                report.gpus.push(g);
             }
+            self.report_unusable(&unusable, &mut report.notes);
         }
         for (i, g) in report.gpus.iter_mut().enumerate() {
             g.index = u32::try_from(i).unwrap_or(u32::MAX);
@@ -241,6 +268,36 @@ impl GpuProbe {
                 report.notes.push(format!("{what}: last good NVML data"));
             }
             None => report.notes.push(format!("{what}: PCI scan used")),
+        }
+    }
+
+    /// NVIDIA GPUs on the PCI bus that NVML does not report (lost, fallen off the bus): not
+    /// counted, logged once per bus id (with the UUID the last refresh knew, if any).
+    fn report_unusable(&self, bus_ids: &[String], notes: &mut Vec<String>) {
+        let Ok(mut warned) = self.unusable_warned.lock() else {
+            return;
+        };
+        warned.retain(|b| bus_ids.contains(b));
+        let known = self
+            .last_seen
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .unwrap_or_default();
+        for bus in bus_ids {
+            let uuid = known
+                .iter()
+                .find(|g| &g.bus_id == bus)
+                .and_then(|g| g.uuid.clone());
+            let line = format!(
+                "NVIDIA GPU at {bus}{} is on the PCI bus but NVML cannot use it — fallen off the bus? Not counted",
+                uuid.map_or_else(String::new, |u| format!(" ({u})"))
+            );
+            if !warned.contains(bus) {
+                tracing::warn!("{line}");
+                warned.push(bus.clone());
+            }
+            notes.push(line);
         }
     }
 
