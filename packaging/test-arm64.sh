@@ -49,7 +49,7 @@ lint_packages arm64 "$DEB" "$RPM"
 ok "package metadata: Architecture arm64 / aarch64"
 
 say "the arm64 binary under qemu-user"
-QEMU=(qemu-aarch64-static -L /usr/aarch64-linux-gnu)
+QEMU=("$(command -v qemu-aarch64-static)" -L /usr/aarch64-linux-gnu)
 "${QEMU[@]}" "$BIN" --version | grep -q '^exalsius-node-agent ' || die "--version under qemu"
 printf '[api]\nurl = "https://api.example"\n' >"$WORK/agent.toml"
 "${QEMU[@]}" "$BIN" --config "$WORK/agent.toml" check-config >/dev/null || die "check-config under qemu"

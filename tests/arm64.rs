@@ -9,7 +9,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use support::*;
 
 /// The aarch64 binary and how to run it: `EXALSIUS_ARM64_RUNNER` (default
@@ -17,31 +17,20 @@ use support::*;
 fn arm64() -> Option<(PathBuf, Vec<String>)> {
     let bin = PathBuf::from(std::env::var("EXALSIUS_ARM64_BIN").ok()?);
     let runner = std::env::var("EXALSIUS_ARM64_RUNNER")
-        .unwrap_or_else(|_| "qemu-aarch64-static -L /usr/aarch64-linux-gnu".to_string());
+        .unwrap_or_else(|_| "/usr/bin/qemu-aarch64-static -L /usr/aarch64-linux-gnu".to_string());
     Some((bin, runner.split_whitespace().map(String::from).collect()))
 }
 
 fn command(bin: &Path, runner: &[String]) -> Command {
     let mut c = match runner.split_first() {
         Some((first, rest)) => {
-            let mut c = Command::new(first);
+            let mut c = clean_command_for(Path::new(first));
             c.args(rest).arg(bin);
             c
         }
-        None => Command::new(bin),
+        None => clean_command_for(bin),
     };
-    for v in [
-        "EXALSIUS_AGENT_CONFIG",
-        "EXALSIUS_API_URL",
-        "EXALSIUS_NODE_ID",
-        "EXALSIUS_ACCESS_TOKEN",
-        "EXALSIUS_STATE_DIR",
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("PATH", "/nonexistent").stdin(Stdio::null());
+    c.env("PATH", "/nonexistent");
     c
 }
 
