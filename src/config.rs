@@ -146,6 +146,7 @@ struct FileConfig {
     inventory: FileInventory,
     state: FileState,
     log: FileLog,
+    metrics: FileMetrics,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +194,12 @@ struct FileState {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct FileMetrics {
+    textfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct FileLog {
     level: Option<String>,
     format: Option<LogFormat>,
@@ -220,6 +227,16 @@ pub struct Config {
     pub state: StateConfig,
     /// `[log]`
     pub log: LogConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetricsConfig {
+    /// node_exporter textfile-collector file, rewritten after every attempt; `None`: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub textfile: Option<PathBuf>,
 }
 
 /// `[api]`
@@ -575,6 +592,15 @@ fn build(
     }
 
     let mut warnings = Vec::new();
+    let textfile = file.metrics.textfile;
+    if let Some(w) = textfile
+        .as_deref()
+        .map(|p| validate_textfile(p).map_err(|m| invalid(&file_origin, "metrics.textfile", m)))
+        .transpose()?
+        .flatten()
+    {
+        warnings.push(w);
+    }
     if file_has_token && let Some(w) = source.as_deref().and_then(secret_file_exposure) {
         warnings.push(format!("config file holds api.access_token but {w}"));
     }
@@ -612,7 +638,34 @@ fn build(
             level,
             format: file.log.format.unwrap_or_default(),
         },
+        metrics: MetricsConfig { textfile },
     })
+}
+
+/// `metrics.textfile`: an absolute `*.prom` path (node_exporter reads nothing else). A missing
+/// directory is a warning, not an error: node_exporter may be installed later.
+fn validate_textfile(p: &Path) -> Result<Option<String>, String> {
+    if !p.is_absolute() {
+        return Err(format!("= {} must be an absolute path", p.display()));
+    }
+    if p.extension().is_none_or(|e| e != "prom") {
+        return Err(format!(
+            "= {}: node_exporter's textfile collector reads only files ending in .prom",
+            p.display()
+        ));
+    }
+    if p.is_dir() {
+        return Err(format!(
+            "= {} is a directory; name a file in it",
+            p.display()
+        ));
+    }
+    Ok(p.parent().filter(|d| !d.is_dir()).map(|d| {
+        format!(
+            "metrics.textfile: directory {} does not exist (yet); metrics are written once it does",
+            d.display()
+        )
+    }))
 }
 
 /// Every duration has a range; the message names it.

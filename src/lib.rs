@@ -16,6 +16,7 @@ pub mod config;
 pub mod heartbeat;
 pub mod inventory;
 pub mod logging;
+pub mod metrics;
 pub mod perms;
 pub mod register;
 pub mod secret;

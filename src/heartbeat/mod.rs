@@ -19,7 +19,8 @@ use crate::api::{
     ApiClient, ClientError, Failure, FailureKind, NodePatchRequest, NodeSpecs, Success,
 };
 use crate::config::{Config, ConfigError};
-use crate::inventory::Collector;
+use crate::inventory::{Collector, Inventory};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::state::{LockError, State, StateLock, StateStore, rfc3339};
 use crate::systemd;
@@ -118,6 +119,10 @@ pub struct Agent {
     specs: Option<Arc<NodeSpecs>>,
     collector: Arc<dyn Collector>,
     collecting: Arc<AtomicBool>,
+    /// `[metrics] textfile`, rewritten after every attempt (`None`: off, and in dry-run).
+    metrics: Option<Metrics>,
+    /// When the current attempt was sent (for the latency metric).
+    sent_at: Instant,
 }
 
 /// Takes the state directory's lock, loads the state, chooses credentials and builds the
@@ -149,6 +154,14 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         );
         (Some(lock), creds)
     };
+    let metrics = match (mode, &cfg.metrics.textfile) {
+        (Mode::DryRun, _) | (_, None) => None,
+        (_, Some(path)) => Some(Metrics::new(
+            path,
+            cfg.heartbeat.interval,
+            Some(creds.state()),
+        )),
+    };
     Ok(Agent {
         schedule: Schedule::new(&cfg.heartbeat),
         cfg,
@@ -162,6 +175,8 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         specs: None,
         collector,
         collecting: Arc::new(AtomicBool::new(false)),
+        metrics,
+        sent_at: Instant::now(),
     })
 }
 
@@ -281,7 +296,7 @@ impl Agent {
         let mut next_refresh = Instant::now() + self.cfg.inventory.refresh_interval;
         let watchdog_period = systemd::watchdog_period();
         let mut next_watchdog = Instant::now();
-        let mut refresh: Option<tokio::task::JoinHandle<crate::inventory::Inventory>> = None;
+        let mut refresh: Option<tokio::task::JoinHandle<(Inventory, Duration)>> = None;
         let mut refresh_deadline = Instant::now();
         loop {
             let far = Instant::now() + Duration::from_secs(86_400);
@@ -304,14 +319,18 @@ impl Agent {
                 done = join_refresh(&mut refresh), if refresh.is_some() => {
                     refresh = None;
                     match done {
-                        Ok(inv) => self.apply_inventory(inv),
-                        Err(e) => warn!("inventory collection failed: {e}; keeping the last specs"),
+                        Ok((inv, took)) => self.apply_inventory(inv, took),
+                        Err(e) => {
+                            self.inventory_error();
+                            warn!("inventory collection failed: {e}; keeping the last specs");
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(refresh_deadline), if refresh.is_some() => {
                     // The blocking task keeps running; `collecting` stops a second one from
                     // piling up behind it.
                     refresh = None;
+                    self.inventory_error();
                     warn!("inventory collection did not finish within {COLLECT_TIMEOUT:?}; sending the last good specs");
                 }
                 () = tokio::time::sleep_until(next_refresh), if refresh.is_none() => {
@@ -344,7 +363,7 @@ impl Agent {
     }
 
     /// Starts a collection in the blocking pool unless one is still stuck there.
-    fn spawn_collection(&self) -> Option<tokio::task::JoinHandle<crate::inventory::Inventory>> {
+    fn spawn_collection(&self) -> Option<tokio::task::JoinHandle<(Inventory, Duration)>> {
         if self.collecting.swap(true, Ordering::AcqRel) {
             warn!("previous inventory collection is still running; skipping this refresh");
             return None;
@@ -352,9 +371,10 @@ impl Agent {
         let collector = Arc::clone(&self.collector);
         let flag = Arc::clone(&self.collecting);
         Some(tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let inv = collector.collect();
             flag.store(false, Ordering::Release);
-            inv
+            (inv, started.elapsed())
         }))
     }
 
@@ -363,15 +383,33 @@ impl Agent {
             return;
         };
         match tokio::time::timeout(COLLECT_TIMEOUT, handle).await {
-            Ok(Ok(inv)) => self.apply_inventory(inv),
-            Ok(Err(e)) => warn!("inventory collection failed: {e}"),
-            Err(_) => warn!(
-                "inventory collection did not finish within {COLLECT_TIMEOUT:?}; heartbeats carry no specs until it does"
-            ),
+            Ok(Ok((inv, took))) => self.apply_inventory(inv, took),
+            Ok(Err(e)) => {
+                self.inventory_error();
+                warn!("inventory collection failed: {e}");
+            }
+            Err(_) => {
+                self.inventory_error();
+                warn!(
+                    "inventory collection did not finish within {COLLECT_TIMEOUT:?}; heartbeats carry no specs until it does"
+                );
+            }
         }
     }
 
-    fn apply_inventory(&mut self, inv: crate::inventory::Inventory) {
+    fn inventory_error(&mut self) {
+        if let Some(m) = &mut self.metrics {
+            m.inventory_error("collection");
+        }
+    }
+
+    fn apply_inventory(&mut self, inv: Inventory, took: Duration) {
+        if let Some(m) = &mut self.metrics {
+            m.inventory(inv.specs.hardware.gpu_count, took);
+            if inv.details.nvml_failed {
+                m.inventory_error("nvml");
+            }
+        }
         let new = Arc::new(inv.specs);
         if let Some(old) = &self.specs {
             if old.hardware.gpu_count > new.hardware.gpu_count {
@@ -434,6 +472,7 @@ impl Agent {
         }
         self.schedule.reconfigure(&cfg.heartbeat);
         self.client = client;
+        self.reconfigure_metrics(&cfg);
         if let Err(e) = crate::logging::reconfigure(&cfg.log.level, cfg.log.format) {
             debug!("reload: logging unchanged: {e}");
         }
@@ -455,6 +494,25 @@ impl Agent {
         self.cfg = cfg;
         // The state directory is the one setting a reload cannot change.
         self.cfg.state.dir = dir;
+    }
+
+    /// SIGHUP: a new interval, or a new (or no) metrics file.
+    fn reconfigure_metrics(&mut self, cfg: &Config) {
+        if self.mode == Mode::DryRun {
+            return;
+        }
+        match (&mut self.metrics, &cfg.metrics.textfile) {
+            (Some(m), Some(p)) if m.path() == p => m.set_interval(cfg.heartbeat.interval),
+            (_, Some(p)) => {
+                info!(textfile = %p.display(), "reload: metrics file set");
+                self.metrics = Some(Metrics::new(
+                    p,
+                    cfg.heartbeat.interval,
+                    Some(self.creds.state()),
+                ));
+            }
+            (_, None) => self.metrics = None,
+        }
     }
 
     /// One request (or, in dry-run mode, one printed body). Returns whether a body was sent.
@@ -491,6 +549,7 @@ impl Agent {
             };
             return (Ok(ok), had_body);
         }
+        self.sent_at = Instant::now();
         let url = self.cfg.node_url(&self.creds.state().node_id);
         debug!(%url, bytes = body.len(), sending = ?self.creds.sending(), "sending heartbeat");
         let outcome = self.client.patch_node(&url, self.creds.token(), body).await;
@@ -502,6 +561,10 @@ impl Agent {
         let now = SystemTime::now();
         self.creds.state_mut().last_attempt_at = Some(now);
         let outcome = outcome.and_then(|s| self.check_node(s));
+        let (label, status) = match &outcome {
+            Ok(s) => ("ok", Some(s.status)),
+            Err(f) => (outcome_label(f.kind), f.status),
+        };
         let next = match outcome {
             Ok(success) => self.on_success(success, now),
             Err(failure) => self.on_failure(failure, now, had_body),
@@ -512,6 +575,10 @@ impl Agent {
             error!(
                 "cannot persist state: {e}; the current token is kept in memory and saving is retried every heartbeat"
             );
+        }
+        if let Some(m) = &mut self.metrics {
+            m.attempt(label, status, self.sent_at.elapsed(), self.creds.state());
+            m.write();
         }
         self.report_status(&next, now);
         next
@@ -709,6 +776,16 @@ impl Agent {
             ),
         };
         systemd::status(&line);
+    }
+}
+
+/// The `outcome` label of `exalsius_node_agent_heartbeats_total`.
+fn outcome_label(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::Retryable => "transient",
+        FailureKind::Unauthorized => "unauthorized",
+        FailureKind::NotFound => "not_found",
+        FailureKind::Rejected | FailureKind::Conflict => "rejected",
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Details {
     pub gpus: Vec<gpu::Gpu>,
     /// Notes on GPU discovery ("NVML: library not found", …).
     pub gpu_notes: Vec<String>,
+    /// NVML is there but failed in this collection (counted by the metrics).
+    #[serde(skip)]
+    pub nvml_failed: bool,
 }
 
 /// One collection: what the API gets and what the operator sees.
@@ -135,6 +138,7 @@ impl Collector for HostCollector {
                 storage_source,
                 gpus: gpu_report.gpus,
                 gpu_notes: gpu_report.notes,
+                nvml_failed: gpu_report.nvml_failed,
             },
         }
     }

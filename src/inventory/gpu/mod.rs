@@ -115,6 +115,8 @@ pub struct GpuReport {
     pub notes: Vec<String>,
     /// `software.nvidia` from NVML, when NVML answered (now or last time).
     pub nvidia_version: Option<String>,
+    /// NVML is there but failed this time (an error, a timeout): counted by the metrics.
+    pub nvml_failed: bool,
 }
 
 /// GPU discovery with memory between refreshes: the kept NVML handle, the last good NVML
@@ -243,6 +245,7 @@ impl GpuProbe {
     /// An NVML failure: the last good NVML answer if there is one (else the PCI scan stands
     /// in, in `auto` mode), and a warning when this error differs from the last one warned.
     fn nvml_failed(&self, what: &str, report: &mut GpuReport) {
+        report.nvml_failed = true;
         let last = self.last_nvml.lock().ok().and_then(|l| l.clone());
         let fallback = if last.is_some() {
             "reporting the last good GPU data"
