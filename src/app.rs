@@ -28,6 +28,12 @@ pub fn main(cli: Cli) -> u8 {
         Command::Status(args) => status(&overrides, &args),
         Command::CheckConfig => check_config(&overrides),
         Command::Register(args) => crate::register::command(&overrides, &args),
+        Command::ImportLegacy(args) => {
+            crate::commands::exit_code(crate::commands::import_legacy::run(&overrides, &args))
+        }
+        Command::Doctor(args) => {
+            crate::commands::exit_code(crate::commands::doctor::run(&overrides, &args))
+        }
     }
 }
 

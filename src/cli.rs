@@ -57,6 +57,49 @@ pub enum Command {
     /// Exit codes: 0 registered, 1 API/network failure or already registered (see --force),
     /// 2 usage error, 78 invalid value (endpoint, token file) or configuration error.
     Register(RegisterArgs),
+    /// Take over this node from client-hw-info (exalsius's earlier tool) without registering
+    /// it again: stops and disables client-hw-info.timer, moves NODE_ID / API_URL / AUTH_TOKEN
+    /// from its config.env into the state file (as `register` writes it) and renames the file
+    /// to config.env.migrated. The token is never printed.
+    ///
+    /// Exit codes: 0 imported (or already imported), 1 nothing to import, the state holds
+    /// another node (see --force), or the legacy timer cannot be stopped; 78 invalid legacy
+    /// file or a configuration that disagrees with it.
+    ImportLegacy(ImportLegacyArgs),
+    /// Answer "why is my node offline?": checks the config, the state directory and file,
+    /// the service, the last heartbeat, the path to the API phase by phase (proxy, DNS, TCP,
+    /// TLS, HTTP), the clock and GPU discovery. Sends no heartbeat, never takes the state lock,
+    /// never shows the token.
+    ///
+    /// Exit codes: 0 nothing failed (warnings allowed), 1 at least one check failed.
+    Doctor(DoctorArgs),
+}
+
+/// `import-legacy` options.
+#[derive(Debug, Args)]
+pub struct ImportLegacyArgs {
+    /// client-hw-info's credentials file [default: /root/.config/exalsius/config.env]
+    #[arg(long, value_name = "PATH")]
+    pub from: Option<PathBuf>,
+    /// Print what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replace a state that holds another node (or another token); the old one is kept as
+    /// state.json.bak.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `doctor` options.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON (for fleet tooling).
+    #[arg(long)]
+    pub json: bool,
+    /// Judge the state directory for this user [default: User= of the installed unit, else
+    /// the current user]
+    #[arg(long, value_name = "USER")]
+    pub service_user: Option<String>,
 }
 
 /// `register` options.

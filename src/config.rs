@@ -690,7 +690,7 @@ fn parse_uuid(s: &str) -> Result<Uuid, String> {
 
 /// Checks scheme and host, refuses cleartext HTTP to anything but loopback unless allowed, and
 /// strips the trailing `/`.
-fn validate_url(raw: &str, allow_insecure_http: bool) -> Result<String, String> {
+pub(crate) fn validate_url(raw: &str, allow_insecure_http: bool) -> Result<String, String> {
     let url =
         reqwest::Url::parse(raw.trim()).map_err(|e| format!("= {raw:?} is not a URL: {e}"))?;
     let host = url

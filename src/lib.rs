@@ -12,6 +12,7 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod heartbeat;
 pub mod inventory;

@@ -147,7 +147,7 @@ pub fn command(overrides: &Overrides, args: &RegisterArgs) -> u8 {
     // One writer per state directory: a running agent would overwrite the new registration
     // with its next save. Taking the lock also proves the directory is writable before the
     // API is asked to register anything.
-    let _lock = match store.lock() {
+    let lock = match store.lock() {
         Ok(l) => l,
         Err(e @ LockError::Held { .. }) => {
             eprintln!(
@@ -186,7 +186,7 @@ pub fn command(overrides: &Overrides, args: &RegisterArgs) -> u8 {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(register(&cfg, args, &token, &store)) {
+    match runtime.block_on(register(&cfg, args, &token, &store, &lock)) {
         Ok(node_id) => {
             println!("registered node {node_id} with {}", cfg.api.url);
             println!("state written to {}", store.path().display());
@@ -227,6 +227,7 @@ async fn register(
     args: &RegisterArgs,
     token: &Secret,
     store: &StateStore,
+    lock: &crate::state::StateLock,
 ) -> Result<Uuid, Failed> {
     let client = ApiClient::new(&cfg.api).map_err(|e| Failed::Config(e.to_string()))?;
     let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref());
@@ -306,19 +307,16 @@ async fn register(
     };
     let mut state = registered_state(node_id, &cfg.api.url, issued, SystemTime::now());
     state.description = args.description.clone();
-    if args.force {
-        match store.backup() {
-            Ok(Some(bak)) => tracing::info!("previous state kept as {}", bak.display()),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("{e}"),
+    match store.replace(lock, &state, args.force) {
+        Ok(Some(bak)) => tracing::info!("previous state kept as {}", bak.display()),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(Failed::Api(format!(
+                "node {node_id} was registered but its token could not be saved: {e}; \
+                 fix the state directory and register again with --force"
+            )));
         }
     }
-    store.save(&state).map_err(|e| {
-        Failed::Api(format!(
-            "node {node_id} was registered but its token could not be saved: {e}; \
-             fix the state directory and register again with --force"
-        ))
-    })?;
     Ok(node_id)
 }
 

@@ -376,6 +376,19 @@ impl StateStore {
         Ok(())
     }
 
+    /// Writes a new registration (from `register` or `import-legacy`) under the lock; with
+    /// `keep_old`, an existing state is kept as `state.json.bak` first. Returns the backup.
+    pub fn replace(
+        &self,
+        _held: &StateLock,
+        state: &State,
+        keep_old: bool,
+    ) -> Result<Option<PathBuf>, StateError> {
+        let bak = if keep_old { self.backup()? } else { None };
+        self.save(state)?;
+        Ok(bak)
+    }
+
     /// Keeps the current state file as `state.json.bak` (before `register --force` replaces it).
     pub fn backup(&self) -> Result<Option<PathBuf>, StateError> {
         let path = self.path();
