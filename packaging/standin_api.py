@@ -5,6 +5,9 @@ token retires every token issued before it; tokens issued after it stay valid (s
 killed between issue and persist still works). Every request is appended to a JSON-lines log:
 {"t": epoch seconds, "node": id, "auth": header, "status": code, "body": parsed JSON or null}.
 
+LEGACY_NODE is a node client-hw-info registered long ago: its bootstrap is retired, and only
+LEGACY_TOKEN (the latest token the old tool rotated to) is accepted for it.
+
 POST /v1/node/self-register with REGISTER_TOKEN registers REGISTERED_NODE and issues its
 first token; that node's tokens rotate the same way, independently of NODE_ID's.
 
@@ -20,9 +23,12 @@ import time
 port, log_path, node_id, boot, register_token = (
     int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
 REGISTERED_NODE = "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d"
+LEGACY_NODE = "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"
+LEGACY_TOKEN = "legacy-SECRET-token-9"
 lock = threading.Lock()
 # Per node: tokens in issue order, the tokens accepted now, and its bootstrap token.
-nodes = {node_id: {"issued": [], "accepted": {boot}, "boot": boot}}
+nodes = {node_id: {"issued": [], "accepted": {boot}, "boot": boot},
+         LEGACY_NODE: {"issued": [LEGACY_TOKEN], "accepted": {LEGACY_TOKEN}, "boot": None}}
 counter = [0]
 
 

@@ -18,6 +18,8 @@ NODE=3f1e2d4c-5b6a-4798-8a9b-0c1d2e3f4a5b
 BOOT=bootstrap-SECRET-token-42
 REGTOKEN=register-SECRET-token-7
 REG_NODE=5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d
+LEGACY_NODE=9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a
+LEGACY_TOKEN=legacy-SECRET-token-9
 WORK=$(mktemp -d)
 API_LOG=$WORK/api.jsonl
 checks=0
@@ -305,6 +307,85 @@ inside test ! -e /etc/exalsius/node-agent.toml || die "config survived purge"
 inside test ! -e /lib/systemd/system/exalsius-node-agent.service || die "unit survived purge"
 [ "$(inside systemctl is-active exalsius-node-agent || true)" != active ] || die "still running after purge"
 ok "apt-get purge: state, config and unit gone, service stopped"
+
+say "take over from client-hw-info on install (import-legacy in the postinst)"
+# The old tool as it left machines: a root timer every 15 minutes, its one-shot service, and
+# root's config.env with the latest rotated token (the stand-in accepts only that one). The
+# fake binary records each run that found credentials.
+inside bash -c 'cat > /usr/local/bin/client-hw-info' <<'EOF'
+#!/bin/sh
+[ -f /root/.config/exalsius/config.env ] || { echo "client-hw-info: no credentials" >&2; exit 1; }
+date +%s >>/var/log/client-hw-info.runs
+EOF
+inside chmod 755 /usr/local/bin/client-hw-info
+inside bash -c 'cat > /etc/systemd/system/client-hw-info.service' <<'EOF'
+[Unit]
+Description=client-hw-info (legacy)
+[Service]
+Type=oneshot
+ExecStart=/usr/local/bin/client-hw-info
+EOF
+inside bash -c 'cat > /etc/systemd/system/client-hw-info.timer' <<'EOF'
+[Unit]
+Description=client-hw-info every 15 minutes (legacy)
+[Timer]
+OnBootSec=1min
+OnUnitActiveSec=15min
+[Install]
+WantedBy=timers.target
+EOF
+inside mkdir -p /root/.config/exalsius
+inside bash -c 'cat > /root/.config/exalsius/config.env' <<EOF
+# written by client-hw-info
+NODE_ID="$LEGACY_NODE"
+API_URL="http://127.0.0.1:$port/v1"
+AUTH_TOKEN="$LEGACY_TOKEN"
+EOF
+inside systemctl daemon-reload
+inside systemctl enable --now client-hw-info.timer >/dev/null 2>&1
+inside systemctl start client-hw-info.service
+inside test -s /var/log/client-hw-info.runs || die "the fake legacy tool did not run"
+[ "$(inside systemctl is-active client-hw-info.timer)" = active ] || die "legacy timer not active"
+# The operator's config management put the agent's config in place first (api.url only).
+inside mkdir -p /etc/exalsius
+inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
+[api]
+url = "http://127.0.0.1:$port/v1"
+
+[heartbeat]
+interval = "1s"
+jitter = 0.0
+EOF
+: >"$API_LOG"
+inside apt-get install -y -q -o Dpkg::Options::=--force-confold /mnt/pkg/"$(basename "$DEB")" >"$WORK/apt-legacy.log" 2>&1 \
+  || { cat "$WORK/apt-legacy.log"; die "apt-get install over client-hw-info"; }
+grep -q 'taking over its node' "$WORK/apt-legacy.log" || { cat "$WORK/apt-legacy.log"; die "the postinst did not run import-legacy"; }
+grep -q "imported node $LEGACY_NODE" "$WORK/apt-legacy.log" || { cat "$WORK/apt-legacy.log"; die "import-legacy did not import"; }
+if grep -q SECRET "$WORK/apt-legacy.log"; then die "the install printed a token"; fi
+ok "apt-get install: the postinst imported client-hw-info's node $LEGACY_NODE (no token printed)"
+[ "$(inside systemctl is-enabled client-hw-info.timer || true)" = disabled ] || die "legacy timer still enabled"
+[ "$(inside systemctl is-active client-hw-info.timer || true)" = inactive ] || die "legacy timer still active"
+inside test ! -e /root/.config/exalsius/config.env || die "config.env not renamed"
+inside test -f /root/.config/exalsius/config.env.migrated || die "no config.env.migrated"
+runs=$(inside sh -c 'wc -l </var/log/client-hw-info.runs')
+inside systemctl start client-hw-info.service 2>/dev/null && die "the legacy tool still runs with credentials"
+[ "$(inside sh -c 'wc -l </var/log/client-hw-info.runs')" = "$runs" ] || die "the legacy tool ran again with credentials"
+ok "client-hw-info.timer stopped and disabled, config.env renamed: the legacy tool finds no credentials"
+[ "$(inside stat -c '%a %U' /var/lib/exalsius-node-agent/state.json)" = "600 exalsius-agent" ] || die "imported state owner/mode"
+for _ in $(seq 100); do [ "$(requests)" -ge 2 ] && break; sleep 0.1; done
+python3 - "$API_LOG" "$LEGACY_NODE" "$LEGACY_TOKEN" <<'EOF' || { inside journalctl -u exalsius-node-agent --no-pager | tail -20; die "first heartbeats after the takeover"; }
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+beats = [r for r in rows if r["node"] == sys.argv[2]]
+assert len(beats) >= 2, rows
+assert beats[0]["auth"] == "Bearer " + sys.argv[3] and beats[0]["status"] == 200, beats[0]
+assert beats[1]["auth"] != beats[0]["auth"] and beats[1]["status"] == 200, beats[1]
+assert all(r["status"] == 200 for r in rows), rows
+EOF
+ok "the service started with the imported node: the first heartbeat carried the legacy token, the next a rotated one"
+inside apt-get purge -y -q exalsius-node-agent >"$WORK/apt4.log" 2>&1 || { cat "$WORK/apt4.log"; die "purge"; }
+inside rm -rf /etc/systemd/system/client-hw-info.service /etc/systemd/system/client-hw-info.timer /root/.config/exalsius
+inside systemctl daemon-reload
 
 say "the .rpm in the same booted container"
 inside userdel exalsius-agent 2>/dev/null || true

@@ -4,6 +4,17 @@
 if [ ! -e /var/lib/exalsius-node-agent ] && [ ! -L /var/lib/exalsius-node-agent ]; then
     install -d -o exalsius-agent -g exalsius-agent -m 0700 /var/lib/exalsius-node-agent
 fi
+# Taking over from client-hw-info (README "Upgrading from client-hw-info"): on first install,
+# when its timer is installed and the agent holds no node yet; before the service starts. A
+# failure leaves client-hw-info running.
+if [ "$1" -eq 1 ] && [ ! -e /var/lib/exalsius-node-agent/state.json ] \
+    && { [ -e /etc/systemd/system/client-hw-info.timer ] || [ -e /usr/lib/systemd/system/client-hw-info.timer ]; }; then
+    echo "exalsius-node-agent: client-hw-info is installed: taking over its node (exalsius-node-agent import-legacy)"
+    if ! /usr/bin/exalsius-node-agent import-legacy; then
+        echo "exalsius-node-agent: import-legacy did not complete (see above); nothing was changed and client-hw-info keeps running."
+        echo "exalsius-node-agent: fix it, then run: exalsius-node-agent import-legacy && systemctl restart exalsius-node-agent"
+    fi
+fi
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     if [ "$1" -eq 1 ]; then
