@@ -203,6 +203,15 @@ impl StateStore {
     /// by group or others is tightened to 0600 on the open descriptor (the returned warnings
     /// say so).
     pub fn load(&self) -> Result<(Option<State>, Vec<String>), StateError> {
+        self.read(true)
+    }
+
+    /// Reads the state and changes nothing, not even a mode that is too open (`doctor`).
+    pub fn peek(&self) -> Result<Option<State>, StateError> {
+        self.read(false).map(|(s, _)| s)
+    }
+
+    fn read(&self, tighten: bool) -> Result<(Option<State>, Vec<String>), StateError> {
         let path = self.path();
         let mut warnings = Vec::new();
         let io = |action, source| StateError::Io {
@@ -233,7 +242,7 @@ impl StateStore {
             });
         }
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if tighten && mode & 0o077 != 0 {
             match file.set_permissions(fs::Permissions::from_mode(FILE_MODE)) {
                 Ok(()) => warnings.push(format!(
                     "state file {} had mode {mode:04o}; tightened to {FILE_MODE:04o}",

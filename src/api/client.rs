@@ -5,7 +5,9 @@ use super::problem::Problem;
 use super::types::{Answer, TokenResponse};
 use crate::config::ApiConfig;
 use crate::secret::Secret;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, DATE, HeaderValue, LOCATION, RETRY_AFTER,
+};
 use reqwest::{Method, StatusCode};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -89,6 +91,17 @@ pub struct Success {
     pub body: Answer,
 }
 
+/// What an unauthenticated `GET` learned.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// Any HTTP status.
+    pub status: u16,
+    /// The server's `Date` header.
+    pub date: Option<SystemTime>,
+    /// Time to the response head.
+    pub latency: Duration,
+}
+
 /// The result of one request.
 pub type Outcome = Result<Success, Failure>;
 
@@ -155,6 +168,29 @@ impl ApiClient {
             .request(Method::PATCH, url)
             .header(AUTHORIZATION, auth);
         self.send(req, body).await
+    }
+
+    /// `GET url` without a token, for `doctor`: any HTTP answer proves the path (proxy, DNS,
+    /// TCP, TLS with the configured trust); the body is not read.
+    pub async fn probe(&self, url: &str) -> Result<Probe, String> {
+        let started = Instant::now();
+        let resp = self
+            .http
+            .get(url)
+            .header(ACCEPT, "application/json, application/problem+json")
+            .send()
+            .await
+            .map_err(|e| self.phase_error(&e))?;
+        let date = resp
+            .headers()
+            .get(DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| httpdate::parse_http_date(s).ok());
+        Ok(Probe {
+            status: resp.status().as_u16(),
+            date,
+            latency: started.elapsed(),
+        })
     }
 
     /// `POST url` with a JSON body and no token (self-registration).

@@ -5,7 +5,7 @@ pub mod problem;
 pub mod resolve;
 pub mod types;
 
-pub use client::{ApiClient, ClientError, Failure, FailureKind, Outcome, Success};
+pub use client::{ApiClient, ClientError, Failure, FailureKind, Outcome, Probe, Success};
 pub use problem::Problem;
 pub use types::{
     Answer, Issued, NodeHardware, NodePatchRequest, NodeSoftware, NodeSpecs, NodeSystem,
