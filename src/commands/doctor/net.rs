@@ -360,10 +360,9 @@ async fn tls(cfg: &Config, host: &str, addr: SocketAddr, out: &mut Vec<Check>) -
     };
     let result = tokio::time::timeout(cfg.api.connect_timeout, handshake).await;
     let seen = recording.seen.lock().ok().and_then(|s| s.clone());
-    let (cert, not_after) = seen.as_deref().map_or_else(
-        || ("no certificate received".to_string(), None),
-        describe,
-    );
+    let (cert, not_after) = seen
+        .as_deref()
+        .map_or_else(|| ("no certificate received".to_string(), None), describe);
     let trust = if cfg.api.ca_file.is_some() {
         "the system store and api.ca_file"
     } else {
