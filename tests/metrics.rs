@@ -289,3 +289,40 @@ fn metrics_textfile_must_be_an_absolute_prom_file() {
         );
     }
 }
+
+/// The README's alert rules are `packaging/prometheus/alerts.yml`, and `promtool test rules`
+/// shows they fire when they should and not before.
+#[test]
+fn the_readme_alert_rules_are_tested_rules() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = std::fs::read_to_string(root.join("packaging/prometheus/alerts.yml")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```yaml\n{rules}```")),
+        "README's alert rules differ from packaging/prometheus/alerts.yml"
+    );
+    let Some(promtool) = promtool() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI sets EXALSIUS_PROMTOOL to test the alert rules"
+        );
+        eprintln!("skipped: no promtool (EXALSIUS_PROMTOOL)");
+        return;
+    };
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(root.join("packaging/prometheus"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
