@@ -281,6 +281,45 @@ grep -q 'heartbeat ok' "$WORK/journal.txt" || die "no heartbeat lines in the jou
 if grep -q 'SECRET' "$WORK/journal.txt"; then die "a token is in the journal"; fi
 ok "journalctl shows the agent's lines ($(wc -l <"$WORK/journal.txt") lines), no token in them"
 
+say "metrics textfile under the hardened unit (README \"Monitoring\")"
+inside install -d -m 0755 /var/lib/prometheus/node-exporter
+inside chown exalsius-agent /var/lib/prometheus/node-exporter
+printf '\n[metrics]\ntextfile = "/var/lib/prometheus/node-exporter/exalsius_node_agent.prom"\n' \
+  | inside bash -c 'cat >> /etc/exalsius/node-agent.toml'
+inside systemctl restart exalsius-node-agent
+before=$(requests)
+wait_requests $((before + 3)) 10
+inside journalctl -u exalsius-node-agent --no-pager >"$WORK/journal-metrics.txt"
+grep -q 'metrics: cannot write .*Read-only file system' "$WORK/journal-metrics.txt" \
+  || { tail -20 "$WORK/journal-metrics.txt"; die "no warning about the read-only textfile directory"; }
+[ "$(grep -c 'metrics: cannot write' "$WORK/journal-metrics.txt")" = 1 ] || die "the metrics warning repeats"
+inside test ! -e /var/lib/prometheus/node-exporter/exalsius_node_agent.prom || die "wrote through ProtectSystem=strict?"
+ok "without the drop-in: ProtectSystem=strict keeps the directory read-only, one warning, heartbeats go on"
+inside mkdir -p /etc/systemd/system/exalsius-node-agent.service.d
+printf '[Service]\nReadWritePaths=-/var/lib/prometheus/node-exporter\n' \
+  | inside bash -c 'cat > /etc/systemd/system/exalsius-node-agent.service.d/metrics.conf'
+inside systemctl daemon-reload
+inside systemctl restart exalsius-node-agent
+prom=$ROOT/var/lib/prometheus/node-exporter/exalsius_node_agent.prom
+for _ in $(seq 100); do [ -s "$prom" ] && break; sleep 0.1; done
+[ -s "$prom" ] || die "no metrics file with the drop-in"
+[ "$(inside stat -c '%a %U' /var/lib/prometheus/node-exporter/exalsius_node_agent.prom)" = "644 exalsius-agent" ] || die "metrics file mode"
+/usr/bin/python3 - "$prom" <<'EOF' || die "metrics file does not parse"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+samples = {s.name: s.value for f in text_string_to_metric_families(open(sys.argv[1]).read()) for s in f.samples}
+assert samples["exalsius_node_agent_last_http_status"] == 200, samples
+assert samples["exalsius_node_agent_last_success_timestamp_seconds"] > 0, samples
+EOF
+if [ -n "${EXALSIUS_PROMTOOL:-}" ]; then
+  "$EXALSIUS_PROMTOOL" check metrics <"$prom" || die "promtool check metrics"
+fi
+ok "with the README's drop-in (ReadWritePaths=): the service writes the textfile, 0644, parsed by prometheus_client"
+inside rm -rf /etc/systemd/system/exalsius-node-agent.service.d
+inside sed -i '/^\[metrics\]/,$d' /etc/exalsius/node-agent.toml
+inside systemctl daemon-reload
+inside systemctl restart exalsius-node-agent
+
 say "upgrade"
 pid=$(svc MainPID)
 token_before=$(inside python3 -c 'import json; print(json.load(open("/var/lib/exalsius-node-agent/state.json"))["access_token"])' 2>/dev/null \

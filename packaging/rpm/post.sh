@@ -10,7 +10,7 @@ fi
 if [ "$1" -eq 1 ] && [ ! -e /var/lib/exalsius-node-agent/state.json ] \
     && { [ -e /etc/systemd/system/client-hw-info.timer ] || [ -e /usr/lib/systemd/system/client-hw-info.timer ]; }; then
     echo "exalsius-node-agent: client-hw-info is installed: taking over its node (exalsius-node-agent import-legacy)"
-    if ! /usr/bin/exalsius-node-agent import-legacy; then
+    if ! exalsius-node-agent import-legacy; then
         echo "exalsius-node-agent: import-legacy did not complete (see above); nothing was changed and client-hw-info keeps running."
         echo "exalsius-node-agent: fix it, then run: exalsius-node-agent import-legacy && systemctl restart exalsius-node-agent"
     fi
