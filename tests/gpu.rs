@@ -113,7 +113,7 @@ fn driver_not_loaded_falls_back_to_pci() {
     let h = &inv.specs.hardware;
     assert_eq!(h.gpu_count, 8);
     assert_eq!(h.gpu_vendor, "NVIDIA");
-    assert_eq!(h.gpu_type, "NVIDIA A100 SXM4 80GB");
+    assert_eq!(h.gpu_type, "NVIDIA A100-SXM4-80GB");
     assert_eq!(h.gpu_memory, 80);
     assert!(
         inv.details
@@ -166,7 +166,7 @@ fn an_nvml_error_keeps_the_last_good_data() {
     );
     let inv = fresh.collect();
     assert_eq!(inv.specs.hardware.gpu_count, 8);
-    assert_eq!(inv.specs.hardware.gpu_type, "NVIDIA A100 SXM4 80GB");
+    assert_eq!(inv.specs.hardware.gpu_type, "NVIDIA A100-SXM4-80GB");
 }
 
 /// Under the packaged unit NVML cannot create missing /dev/nvidia* nodes: init fails with
@@ -241,7 +241,7 @@ fn fixture_a100_server() {
         (h.gpu_count, h.gpu_vendor.as_str(), h.gpu_memory),
         (8, "NVIDIA", 80)
     );
-    assert_eq!(h.gpu_type, "NVIDIA A100 SXM4 80GB");
+    assert_eq!(h.gpu_type, "NVIDIA A100-SXM4-80GB");
     assert!(
         !inv.details.gpus.iter().any(|g| g.bus_id == "0000:03:00.0"),
         "ASPEED BMC skipped"
@@ -403,4 +403,74 @@ async fn a_gpu_that_falls_off_the_bus_is_logged_and_the_count_drops() {
         "uuid logged: {out}"
     );
     assert!(out.contains("0000:ab:00.0"), "bus id logged: {out}");
+}
+
+/// One name per GPU model, whichever path saw it: the PCI scan of a host without a driver
+/// reports what NVML reports for the same part, so a driver restart (NVML failing, then
+/// answering again) never changes gpu_type or gpu_memory.
+#[test]
+fn pci_names_and_memory_equal_nvml_across_a_driver_restart() {
+    for (host, nvml_conf) in [
+        ("a100x8", "name=NVIDIA A100-SXM4-80GB\nmem_mib=81920\n"),
+        ("h100x8", "name=NVIDIA H100 80GB HBM3\nmem_mib=81559\n"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = build_fake_nvml(dir.path(), &format!("init_result=9\n{nvml_conf}"));
+        // Driver down: the PCI scan stands in.
+        let down = collect(&fixture_host(host), GpuMode::Auto, Some(&lib));
+        assert!(
+            down.details.gpus.iter().all(|g| g.source == "pci"),
+            "{host}"
+        );
+        // Driver back: NVML answers.
+        set_fake_nvml(dir.path(), nvml_conf);
+        let up = collect(&fixture_host(host), GpuMode::Auto, Some(&lib));
+        assert!(up.details.gpus.iter().all(|g| g.source == "nvml"), "{host}");
+        let (d, u) = (&down.specs.hardware, &up.specs.hardware);
+        assert_eq!(
+            (d.gpu_count, &d.gpu_type, d.gpu_memory),
+            (u.gpu_count, &u.gpu_type, u.gpu_memory),
+            "{host}: PCI and NVML disagree"
+        );
+    }
+}
+
+#[test]
+fn fixture_mi250x_counts_each_die_with_its_own_memory() {
+    let inv = collect(&fixture_host("mi250x"), GpuMode::Pci, None);
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (h.gpu_count, h.gpu_vendor.as_str()),
+        (8, "AMD"),
+        "4 modules, 8 dies"
+    );
+    assert_eq!(h.gpu_type, "AMD Instinct MI250X/MI250");
+    assert_eq!(h.gpu_memory, 64, "per die, not 128 per module");
+}
+
+#[test]
+fn fixture_gh200_without_a_driver_reports_nvmls_name() {
+    let inv = collect(
+        &fixture_host("gh200"),
+        GpuMode::Auto,
+        Some(Path::new("/nonexistent/libnvidia-ml.so.1")),
+    );
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (h.gpu_count, h.gpu_type.as_str()),
+        (1, "NVIDIA GH200 480GB")
+    );
+    assert_eq!(h.gpu_memory, 96, "97871 MiB as NVML reports it");
+    assert_eq!(inv.details.gpus[0].bus_id, "0009:01:00.0");
+}
+
+#[test]
+fn fixture_mi300a_unified_memory_comes_from_the_table_not_the_carve_out() {
+    let inv = collect(&fixture_host("mi300a"), GpuMode::Pci, None);
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (h.gpu_count, h.gpu_type.as_str()),
+        (4, "AMD Instinct MI300A")
+    );
+    assert_eq!(h.gpu_memory, 128, "not amdgpu's 512 MiB VRAM carve-out");
 }

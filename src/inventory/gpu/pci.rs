@@ -6,9 +6,12 @@
 //! other vendors, so they never match), GPU audio functions (class 0x0403), and Intel display
 //! controllers on bus 0 (integrated graphics in the CPU package, not a compute GPU).
 //!
-//! Names come from the system's `pci.ids`, looked up only for the devices found (never parsed
-//! whole, never fetched). Memory: amdgpu's `mem_info_vram_total` when present, else the table of
-//! data-centre GPUs below, else unknown (0 with a warning).
+//! Names: for the data-centre and workstation parts in [`PARTS`], the name the driver reports
+//! (NVML's, so `gpu_type` does not change when the driver stops or starts answering); else the
+//! system's `pci.ids`, looked up only for the devices found (never parsed whole, never
+//! fetched); else the device id. Memory: amdgpu's `mem_info_vram_total` when present (except
+//! for unified-memory APUs, whose VRAM figure is only a carve-out), else the table, else
+//! unknown (0 with a warning).
 
 use super::{Gpu, Vendor};
 use std::path::{Path, PathBuf};
@@ -16,39 +19,112 @@ use std::path::{Path, PathBuf};
 /// Where distributions install the PCI id database (Debian/Ubuntu, then RHEL/Fedora).
 pub const PCI_IDS_PATHS: &[&str] = &["usr/share/misc/pci.ids", "usr/share/hwdata/pci.ids"];
 
-const GIB: u64 = 1 << 30;
+/// A GPU model the PCI path knows by device id: the name its driver reports (NVML's
+/// `nvmlDeviceGetName`; for AMD the Instinct name) and the memory NVML reports, so a host
+/// whose NVML stops answering reports exactly what it reported before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// Vendor.
+    pub vendor: Vendor,
+    /// PCI device id.
+    pub device: u16,
+    /// PCI subsystem device id, where one device id covers two memory sizes; `None` matches
+    /// any subsystem (an exact subsystem entry wins).
+    pub subsystem: Option<u16>,
+    /// The driver's name for it.
+    pub name: &'static str,
+    /// Memory per PCI function as the driver reports it, in MiB (NVML's `memory.total`; per
+    /// die for AMD's multi-die parts, each die being its own PCI function).
+    pub mib: u64,
+    /// Unified memory (an APU): the driver's VRAM figure is only a carve-out, the table wins.
+    pub unified: bool,
+}
 
-/// Data-centre GPUs by PCI device id: marketed name and memory (GiB as marketed, which rounds
-/// to what NVML/amdgpu report). Used only when the driver cannot tell us.
-const KNOWN: &[(Vendor, u16, &str, u64)] = &[
-    // NVIDIA Volta / Turing
-    (Vendor::Nvidia, 0x1db1, "Tesla V100-SXM2-16GB", 16),
-    (Vendor::Nvidia, 0x1db4, "Tesla V100-PCIE-16GB", 16),
-    (Vendor::Nvidia, 0x1db5, "Tesla V100-SXM2-32GB", 32),
-    (Vendor::Nvidia, 0x1db6, "Tesla V100-PCIE-32GB", 32),
-    (Vendor::Nvidia, 0x1eb8, "Tesla T4", 16),
-    // NVIDIA Ampere
-    (Vendor::Nvidia, 0x20b0, "A100-SXM4-40GB", 40),
-    (Vendor::Nvidia, 0x20b2, "A100-SXM4-80GB", 80),
-    (Vendor::Nvidia, 0x20b5, "A100 80GB PCIe", 80),
-    (Vendor::Nvidia, 0x20f1, "A100-PCIE-40GB", 40),
-    (Vendor::Nvidia, 0x20b7, "A30", 24),
-    (Vendor::Nvidia, 0x2235, "A40", 48),
-    (Vendor::Nvidia, 0x2236, "A10", 24),
-    // NVIDIA Ada / Hopper
-    (Vendor::Nvidia, 0x26b5, "L40", 48),
-    (Vendor::Nvidia, 0x26b9, "L40S", 48),
-    (Vendor::Nvidia, 0x27b8, "L4", 24),
-    (Vendor::Nvidia, 0x2330, "H100 80GB HBM3", 80),
-    (Vendor::Nvidia, 0x2331, "H100 PCIe", 80),
-    (Vendor::Nvidia, 0x2321, "H100 NVL", 94),
-    (Vendor::Nvidia, 0x2335, "H200", 141),
-    // AMD Instinct
-    (Vendor::Amd, 0x738c, "Instinct MI100", 32),
-    (Vendor::Amd, 0x740c, "Instinct MI250X/MI250", 128),
-    (Vendor::Amd, 0x740f, "Instinct MI210", 64),
-    (Vendor::Amd, 0x74a1, "Instinct MI300X", 192),
+const fn nv(device: u16, name: &'static str, mib: u64) -> Part {
+    Part {
+        vendor: Vendor::Nvidia,
+        device,
+        subsystem: None,
+        name,
+        mib,
+        unified: false,
+    }
+}
+
+const fn amd(device: u16, name: &'static str, gib: u64, unified: bool) -> Part {
+    Part {
+        vendor: Vendor::Amd,
+        device,
+        subsystem: None,
+        name,
+        mib: gib * 1024,
+        unified,
+    }
+}
+
+/// Data-centre and workstation GPUs. Device ids from pci.ids (pciutils; Debian 12's 2023
+/// copy lacks the 2024+ parts, which is why they are here); names and MiB as NVML reports
+/// them on real machines (nvidia-smi `name, memory.total` seen in public logs). Where the MiB
+/// figure varies by board or driver (A100 40GB: 40960 or 40536), both round to the same GiB,
+/// which is what the API receives.
+pub const PARTS: &[Part] = &[
+    // Volta / Turing
+    nv(0x1db1, "Tesla V100-SXM2-16GB", 16_160),
+    nv(0x1db4, "Tesla V100-PCIE-16GB", 16_160),
+    nv(0x1db5, "Tesla V100-SXM2-32GB", 32_768),
+    nv(0x1db6, "Tesla V100-PCIE-32GB", 32_768),
+    nv(0x1eb8, "Tesla T4", 15_360),
+    // Ampere
+    nv(0x20b0, "NVIDIA A100-SXM4-40GB", 40_960),
+    nv(0x20b2, "NVIDIA A100-SXM4-80GB", 81_920),
+    nv(0x20b5, "NVIDIA A100 80GB PCIe", 81_920),
+    nv(0x20f1, "NVIDIA A100-PCIE-40GB", 40_960),
+    nv(0x20b7, "NVIDIA A30", 24_576),
+    nv(0x2235, "NVIDIA A40", 46_068),
+    nv(0x2236, "NVIDIA A10", 23_028),
+    nv(0x2230, "NVIDIA RTX A6000", 49_140),
+    // Ada
+    nv(0x26b1, "NVIDIA RTX 6000 Ada Generation", 49_140),
+    nv(0x26b5, "NVIDIA L40", 46_068),
+    nv(0x26b9, "NVIDIA L40S", 46_068),
+    nv(0x26ba, "NVIDIA L20", 46_068),
+    nv(0x27b8, "NVIDIA L4", 23_034),
+    // Hopper
+    nv(0x2330, "NVIDIA H100 80GB HBM3", 81_559),
+    nv(0x2331, "NVIDIA H100 PCIe", 81_559),
+    nv(0x2321, "NVIDIA H100 NVL", 95_830),
+    nv(0x2322, "NVIDIA H800 PCIe", 81_559),
+    nv(0x2324, "NVIDIA H800", 81_559),
+    nv(0x2329, "NVIDIA H20", 97_871),
+    nv(0x2335, "NVIDIA H200", 143_771),
+    nv(0x233b, "NVIDIA H200 NVL", 143_771),
+    nv(0x2342, "NVIDIA GH200 480GB", 97_871),
+    nv(0x2348, "NVIDIA GH200 144G HBM3e", 146_831),
+    // Blackwell
+    nv(0x2901, "NVIDIA B200", 183_359),
+    // AMD Instinct (per PCI function: MI250/MI250X are two dies, each its own function)
+    amd(0x738c, "AMD Instinct MI100", 32, false),
+    amd(0x740f, "AMD Instinct MI210", 64, false),
+    amd(0x7408, "AMD Instinct MI250X", 64, false),
+    amd(0x740c, "AMD Instinct MI250X/MI250", 64, false),
+    amd(0x74a0, "AMD Instinct MI300A", 128, true),
+    amd(0x74a1, "AMD Instinct MI300X", 192, false),
+    amd(0x74a5, "AMD Instinct MI325X", 256, false),
 ];
+
+/// The table entry for a device: an exact subsystem match first, then the device's general
+/// entry.
+pub fn part(table: &[Part], vendor: Vendor, device: u16, subsystem: Option<u16>) -> Option<Part> {
+    let of_device = || {
+        table
+            .iter()
+            .filter(|p| p.vendor == vendor && p.device == device)
+    };
+    of_device()
+        .find(|p| p.subsystem.is_some() && p.subsystem == subsystem)
+        .or_else(|| of_device().find(|p| p.subsystem.is_none()))
+        .copied()
+}
 
 /// One PCI GPU before naming.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +133,7 @@ struct Found {
     vendor: Vendor,
     vendor_id: u16,
     device_id: u16,
+    subsystem_id: Option<u16>,
     vram: Option<u64>,
 }
 
@@ -105,29 +182,36 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
         .into_iter()
         .enumerate()
         .map(|(i, f)| {
-            let known = KNOWN
-                .iter()
-                .find(|(v, d, _, _)| *v == f.vendor && *d == f.device_id);
-            let name = ids
-                .as_deref()
-                .and_then(|t| lookup_name(t, f.vendor_id, f.device_id))
-                .map(|n| marketing_name(&n))
-                .or_else(|| known.map(|k| k.2.to_string()))
+            let known = part(PARTS, f.vendor, f.device_id, f.subsystem_id);
+            // The driver's own name for a known part (what NVML says, so a driver restart
+            // does not change gpu_type); else pci.ids' marketing name; else the id.
+            let name = known
+                .map(|k| k.name.to_string())
+                .or_else(|| {
+                    ids.as_deref()
+                        .and_then(|t| lookup_name(t, f.vendor_id, f.device_id))
+                        .map(|n| marketing_name(&n))
+                })
                 .unwrap_or_else(|| format!("device {:04x}", f.device_id));
             let prefix = match f.vendor {
                 Vendor::Nvidia => "NVIDIA",
                 Vendor::Amd => "AMD",
                 Vendor::Intel => "Intel",
             };
-            let name = if name
-                .to_ascii_lowercase()
-                .starts_with(&prefix.to_ascii_lowercase())
+            let name = if known.is_some()
+                || name
+                    .to_ascii_lowercase()
+                    .starts_with(&prefix.to_ascii_lowercase())
             {
                 name
             } else {
                 format!("{prefix} {name}")
             };
-            let memory_bytes = f.vram.or_else(|| known.map(|k| k.3 * GIB));
+            let table = known.map(|k| k.mib << 20);
+            let memory_bytes = match known {
+                Some(k) if k.unified => table,
+                _ => f.vram.or(table),
+            };
             if memory_bytes.is_none() {
                 notes.push(format!(
                     "memory of {} ({:04x}:{:04x}) at {} is unknown; reported as 0",
@@ -175,11 +259,14 @@ fn find(root: &Path) -> Vec<Found> {
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .filter(|&b| b > 0);
+            let subsystem_id =
+                read_hex(&dev.join("subsystem_device")).and_then(|s| u16::try_from(s).ok());
             Some(Found {
                 bus_id,
                 vendor,
                 vendor_id: u16::try_from(vendor_id).ok()?,
                 device_id,
+                subsystem_id,
                 vram,
             })
         })
@@ -240,6 +327,57 @@ mod tests {
 1a03  ASPEED Technology, Inc.\n\
 \t2000  ASPEED Graphics Family\n\
 \t2330  not an nvidia device\n";
+
+    #[test]
+    fn a_subsystem_entry_wins_over_the_general_one() {
+        let table = [
+            nv(0x1234, "NVIDIA Test 40GB", 40_960),
+            Part {
+                subsystem: Some(0x0042),
+                ..nv(0x1234, "NVIDIA Test 80GB", 81_920)
+            },
+        ];
+        let name = |s| part(&table, Vendor::Nvidia, 0x1234, s).map(|p| p.name);
+        assert_eq!(name(Some(0x0042)), Some("NVIDIA Test 80GB"));
+        assert_eq!(name(Some(0x0001)), Some("NVIDIA Test 40GB"));
+        assert_eq!(name(None), Some("NVIDIA Test 40GB"));
+        assert_eq!(part(&table, Vendor::Amd, 0x1234, None), None);
+    }
+
+    #[test]
+    fn the_table_has_one_entry_per_device_and_driver_style_names() {
+        for (i, p) in PARTS.iter().enumerate() {
+            assert!(
+                !PARTS[..i]
+                    .iter()
+                    .any(|q| (q.vendor, q.device, q.subsystem) == (p.vendor, p.device, p.subsystem)),
+                "{:04x} twice",
+                p.device
+            );
+            let prefix = match p.vendor {
+                Vendor::Nvidia => ["NVIDIA ", "Tesla "].iter().any(|x| p.name.starts_with(x)),
+                Vendor::Amd => p.name.starts_with("AMD Instinct "),
+                Vendor::Intel => true,
+            };
+            assert!(prefix && p.mib >= 1024, "{p:?}");
+        }
+        // The parts issue 15 names, present.
+        for device in [
+            0x20b0, 0x20b2, 0x20b5, 0x20f1, 0x2331, 0x2330, 0x2321, 0x2335, 0x233b, 0x2324, 0x2329,
+            0x2342, 0x2901, 0x26b5, 0x26b9, 0x27b8, 0x26ba, 0x2236, 0x20b7, 0x2235, 0x26b1, 0x2230,
+        ] {
+            assert!(
+                part(PARTS, Vendor::Nvidia, device, None).is_some(),
+                "{device:04x}"
+            );
+        }
+        for device in [0x740f, 0x740c, 0x74a1, 0x74a0, 0x74a5] {
+            assert!(
+                part(PARTS, Vendor::Amd, device, None).is_some(),
+                "{device:04x}"
+            );
+        }
+    }
 
     #[test]
     fn looks_up_only_inside_the_vendor_block() {
