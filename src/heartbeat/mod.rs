@@ -423,7 +423,7 @@ impl Agent {
                 info!("node specs changed");
             }
         }
-        debug!(specs = ?new, "inventory refreshed");
+        debug!(specs = ?new, took_ms = took.as_millis() as u64, "inventory refreshed");
         self.specs = Some(new);
     }
 
