@@ -474,3 +474,57 @@ fn fixture_mi300a_unified_memory_comes_from_the_table_not_the_carve_out() {
     );
     assert_eq!(h.gpu_memory, 128, "not amdgpu's 512 MiB VRAM carve-out");
 }
+
+/// Drivers before R510 have no `nvmlDeviceGetMemoryInfo_v2`; early R510 builds answer
+/// FUNCTION_NOT_FOUND or NOT_SUPPORTED to it: memory then comes from the v1 call.
+#[test]
+fn memory_from_v1_when_v2_is_missing_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml_flags("cc", dir.path(), "count=2\n", &["-DNO_MEMORY_V2"]);
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!((h.gpu_count, h.gpu_memory), (2, 80), "v2 symbol missing");
+
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=2\n");
+    for code in [13, 3] {
+        set_fake_nvml(dir.path(), &format!("count=2\nmem_v2_result={code}\n"));
+        let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+        let h = &inv.specs.hardware;
+        assert_eq!((h.gpu_count, h.gpu_memory), (2, 80), "v2 answers {code}");
+    }
+    // And the other way round: a library with v2 only, which works.
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml_flags("cc", dir.path(), "count=2\n", &["-DNO_MEMORY_V1"]);
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(
+        inv.specs.hardware.gpu_memory, 80,
+        "v1 symbol missing, v2 fine"
+    );
+}
+
+/// Unified-memory parts (GB10 / DGX Spark class) answer NOT_SUPPORTED to both calls: memory from
+/// the device table when the part is there, else 0 — and the GPU is always counted.
+#[test]
+fn no_memory_call_works_then_the_table_else_zero_never_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(
+        dir.path(),
+        "count=1\nname=NVIDIA GH200 480GB\nmem_v1_result=3\nmem_v2_result=3\npci_device_id=0x234210de\n",
+    );
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!((h.gpu_count, h.gpu_memory), (1, 96), "GH200 from the table");
+    // A part the table does not know (a made-up device id standing in for GB10).
+    set_fake_nvml(
+        dir.path(),
+        "count=1\nname=NVIDIA GB10\nmem_v1_result=3\nmem_v2_result=3\npci_device_id=0x2e1f10de\n",
+    );
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (h.gpu_count, h.gpu_type.as_str(), h.gpu_memory),
+        (1, "NVIDIA GB10", 0)
+    );
+    assert_eq!(inv.details.gpus[0].memory_bytes, None);
+}

@@ -14,6 +14,14 @@
  *   block_secs=30          nvmlDeviceGetCount_v2 sleeps this long (a wedged GPU)
  *   lost_index=3           nvmlDeviceGetName returns NVML_ERROR_GPU_IS_LOST for this GPU
  *   mig_index=2            this GPU has MIG enabled
+ *   mem_v1_result=3        nvmlDeviceGetMemoryInfo (v1) returns this (3 = NOT_SUPPORTED, as on
+ *                          unified-memory GB10 / DGX Spark parts)
+ *   mem_v2_result=13       nvmlDeviceGetMemoryInfo_v2 returns this (13 = FUNCTION_NOT_FOUND, as
+ *                          on early R510 builds; 3 = NOT_SUPPORTED)
+ *   pci_device_id=0x233010de  what nvmlDeviceGetPciInfo_v3 reports (device << 16 | vendor)
+ *
+ * Compiled with -DNO_MEMORY_V2 it does not export nvmlDeviceGetMemoryInfo_v2 at all (drivers
+ * before R510); with -DNO_MEMORY_V1, not nvmlDeviceGetMemoryInfo.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -45,6 +53,12 @@ typedef struct {
     unsigned long long used;
 } nvmlMemory_v2_t;
 
+typedef struct {
+    unsigned long long total;
+    unsigned long long free;
+    unsigned long long used;
+} nvmlMemory_t;
+
 #define NVML_SUCCESS 0
 #define NVML_ERROR_INVALID_ARGUMENT 2
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
@@ -61,6 +75,9 @@ static struct {
     int lost_index;
     int mig_index;
     int count_result;
+    int mem_v1_result;
+    int mem_v2_result;
+    unsigned pci_device_id;
 } cfg;
 
 /* Bus numbers of a real 8-GPU HGX board. */
@@ -77,6 +94,9 @@ static void load_config(void) {
     cfg.lost_index = -1;
     cfg.mig_index = -1;
     cfg.count_result = 0;
+    cfg.mem_v1_result = 0;
+    cfg.mem_v2_result = 0;
+    cfg.pci_device_id = 0x233010de;
 
     Dl_info info;
     if (!dladdr((void *)load_config, &info) || !info.dli_fname) return;
@@ -104,6 +124,9 @@ static void load_config(void) {
         else if (!strcmp(k, "lost_index")) cfg.lost_index = atoi(v);
         else if (!strcmp(k, "mig_index")) cfg.mig_index = atoi(v);
         else if (!strcmp(k, "count_result")) cfg.count_result = atoi(v);
+        else if (!strcmp(k, "mem_v1_result")) cfg.mem_v1_result = atoi(v);
+        else if (!strcmp(k, "mem_v2_result")) cfg.mem_v2_result = atoi(v);
+        else if (!strcmp(k, "pci_device_id")) cfg.pci_device_id = (unsigned)strtoul(v, NULL, 0);
     }
     fclose(f);
 }
@@ -159,8 +182,10 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *uuid, unsigned int length) 
     return copy_str(uuid, length, buf);
 }
 
+#ifndef NO_MEMORY_V2
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
     (void)d;
+    if (cfg.mem_v2_result) return (nvmlReturn_t)cfg.mem_v2_result;
     if (!m) return NVML_ERROR_INVALID_ARGUMENT;
     m->total = cfg.mem_mib * 1024ULL * 1024ULL;
     m->reserved = 0;
@@ -168,6 +193,19 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
     m->free = m->total;
     return NVML_SUCCESS;
 }
+#endif
+
+#ifndef NO_MEMORY_V1
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
+    (void)d;
+    if (cfg.mem_v1_result) return (nvmlReturn_t)cfg.mem_v1_result;
+    if (!m) return NVML_ERROR_INVALID_ARGUMENT;
+    m->total = cfg.mem_mib * 1024ULL * 1024ULL;
+    m->used = 0;
+    m->free = m->total;
+    return NVML_SUCCESS;
+}
+#endif
 
 nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
     int i = index_of(d);
@@ -177,7 +215,7 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
     p->domain = 0;
     p->bus = bus;
     p->device = 0;
-    p->pciDeviceId = 0x233010de;
+    p->pciDeviceId = cfg.pci_device_id;
     p->pciSubSystemId = 0x16c110de;
     snprintf(p->busId, sizeof p->busId, "00000000:%02X:00.0", bus);
     snprintf(p->busIdLegacy, sizeof p->busIdLegacy, "0000:%02X:00.0", bus);

@@ -617,9 +617,15 @@ pub fn build_fake_nvml(dir: &Path, conf: &str) -> PathBuf {
 
 /// Like [`build_fake_nvml`] with a given C compiler (a cross compiler for the arm64 proof).
 pub fn build_fake_nvml_with(cc: &str, dir: &Path, conf: &str) -> PathBuf {
+    build_fake_nvml_flags(cc, dir, conf, &[])
+}
+
+/// The stub compiled with extra flags (`-DNO_MEMORY_V2`: a driver before R510).
+pub fn build_fake_nvml_flags(cc: &str, dir: &Path, conf: &str, flags: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_nvml.c");
     let lib = dir.join("libnvidia-ml.so.1");
     let out = Command::new(cc)
+        .args(flags)
         .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
         .arg(&lib)
         .arg(&src)

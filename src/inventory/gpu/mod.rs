@@ -2,6 +2,7 @@
 //! of GPUs becomes the API's four GPU fields.
 
 pub mod nvml;
+mod nvml_v1;
 pub mod pci;
 
 use crate::config::GpuMode;

@@ -148,6 +148,52 @@ fn cuda_text(v: i32) -> String {
     format!("{}.{}", v / 1000, (v % 1000) / 10)
 }
 
+/// Warned once per process: a GPU whose memory no NVML call reports and the table lacks.
+static MEMORY_UNKNOWN_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// A GPU's memory: `nvmlDeviceGetMemoryInfo_v2`, else v1 (drivers before R510 lack v2; early
+/// R510 builds answer FUNCTION_NOT_FOUND), else the device table by PCI id (unified-memory
+/// parts such as GB10 answer NOT_SUPPORTED to both), else unknown — the GPU is counted anyway.
+fn memory_total(
+    nvml: &Nvml,
+    device: &nvml_wrapper::Device,
+    pci: Option<&nvml_wrapper::struct_wrappers::device::PciInfo>,
+    name: &str,
+) -> Option<u64> {
+    let v2 = device.memory_info().map(|m| m.total);
+    if let Ok(total) = v2
+        && total > 0
+    {
+        return Some(total);
+    }
+    let v1 = super::nvml_v1::total(nvml, device);
+    if let Ok(total) = v1
+        && total > 0
+    {
+        return Some(total);
+    }
+    let from_table = pci.and_then(|p| {
+        let device_id = u16::try_from(p.pci_device_id >> 16).ok()?;
+        let subsystem = p
+            .pci_sub_system_id
+            .and_then(|s| u16::try_from(s >> 16).ok());
+        super::pci::part(super::pci::PARTS, Vendor::Nvidia, device_id, subsystem)
+    });
+    match from_table {
+        Some(part) => Some(part.mib << 20),
+        None => {
+            if !MEMORY_UNKNOWN_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "NVML reports no memory for {name} (v2: {}; v1: {}) and it is not in the device table; reported as 0",
+                    v2.map_or_else(|e| e.to_string(), |t| t.to_string()),
+                    v1.map_or_else(|e| e.to_string(), |t| t.to_string()),
+                );
+            }
+            None
+        }
+    }
+}
+
 fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
     let count = nvml.device_count()?;
     let mut gpus = Vec::new();
@@ -170,10 +216,11 @@ fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
                 "NVIDIA GPU".to_string()
             }
         };
-        let memory_bytes = device.memory_info().map(|m| m.total).ok();
+        let pci = device.pci_info().ok();
+        let memory_bytes = memory_total(nvml, &device, pci.as_ref(), &name);
         let uuid = device.uuid().ok();
-        let bus_id = device
-            .pci_info()
+        let bus_id = pci
+            .as_ref()
             .map(|p| normalize_bus_id(&p.bus_id))
             .unwrap_or_default();
         let mig_enabled = match device.mig_mode() {
