@@ -300,9 +300,13 @@ printf '[Service]\nReadWritePaths=-/var/lib/prometheus/node-exporter\n' \
   | inside bash -c 'cat > /etc/systemd/system/exalsius-node-agent.service.d/metrics.conf'
 inside systemctl daemon-reload
 inside systemctl restart exalsius-node-agent
-prom=$ROOT/var/lib/prometheus/node-exporter/exalsius_node_agent.prom
-for _ in $(seq 100); do [ -s "$prom" ] && break; sleep 0.1; done
-[ -s "$prom" ] || die "no metrics file with the drop-in"
+# The container runs on an ephemeral snapshot (-x): read the file from inside.
+prom=$WORK/exalsius_node_agent.prom
+for _ in $(seq 100); do
+  inside cat /var/lib/prometheus/node-exporter/exalsius_node_agent.prom >"$prom" 2>/dev/null && [ -s "$prom" ] && break
+  sleep 0.1
+done
+[ -s "$prom" ] || { inside journalctl -u exalsius-node-agent --no-pager | tail -20; die "no metrics file with the drop-in"; }
 [ "$(inside stat -c '%a %U' /var/lib/prometheus/node-exporter/exalsius_node_agent.prom)" = "644 exalsius-agent" ] || die "metrics file mode"
 /usr/bin/python3 - "$prom" <<'EOF' || die "metrics file does not parse"
 import sys
