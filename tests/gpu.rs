@@ -528,3 +528,30 @@ fn no_memory_call_works_then_the_table_else_zero_never_dropped() {
     );
     assert_eq!(inv.details.gpus[0].memory_bytes, None);
 }
+
+/// MIG: the physical GPUs are reported (count, full memory), and the mode is logged once, not
+/// at every refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mig_reports_physical_gpus_and_logs_the_mode_once() {
+    let api = StandIn::start().await;
+    let mut agent = Agent::new();
+    let lib = build_fake_nvml(agent.dir.path(), "count=8\nmig_index=2\n");
+    agent.write_config(
+        &nvml_config(&api.url(), &lib, "nvml", Some("100ms"))
+            .replace("level = \"debug\"", "level = \"info\""),
+    );
+    agent.spawn(&["--dry-run"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.stop();
+    let out = agent.all_output();
+    assert_eq!(
+        out.matches("MIG mode is on for GPU 2 (0000:3a:00.0)")
+            .count(),
+        1,
+        "{out}"
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(agent.stdout_of_last_run().lines().last().unwrap()).unwrap();
+    assert_eq!(last["hardware"]["gpu_count"], 8);
+    assert_eq!(last["hardware"]["gpu_memory"], 80);
+}

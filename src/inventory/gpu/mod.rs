@@ -133,6 +133,8 @@ pub struct GpuProbe {
     last_error: Mutex<Option<String>>,
     /// Bus ids of NVIDIA GPUs on the PCI bus that NVML cannot use, already warned about.
     unusable_warned: Mutex<Vec<String>>,
+    /// The GPUs with MIG on, as last logged (logged again only when this changes).
+    mig_logged: Mutex<Vec<String>>,
 }
 
 impl GpuProbe {
@@ -146,6 +148,7 @@ impl GpuProbe {
             last_seen: Mutex::new(None),
             last_error: Mutex::new(None),
             unusable_warned: Mutex::new(Vec::new()),
+            mig_logged: Mutex::new(Vec::new()),
         }
     }
 
@@ -163,6 +166,7 @@ impl GpuProbe {
                 NvmlOutcome::Data(data) => {
                     report.nvidia_version = data.version_text();
                     report.gpus = data.gpus.clone();
+                    self.log_mig(&report.gpus);
                     if let Ok(mut last) = self.last_nvml.lock() {
                         *last = Some(data);
                     }
@@ -303,6 +307,31 @@ impl GpuProbe {
             }
             notes.push(line);
         }
+    }
+
+    /// MIG: NVML enumerates physical GPUs (MIG instances are not devices of their own), each
+    /// reported with its full memory; the mode is logged when it changes.
+    fn log_mig(&self, gpus: &[Gpu]) {
+        let on: Vec<String> = gpus
+            .iter()
+            .filter(|g| g.mig_enabled == Some(true))
+            .map(|g| format!("GPU {} ({})", g.index, g.bus_id))
+            .collect();
+        let Ok(mut last) = self.mig_logged.lock() else {
+            return;
+        };
+        if *last == on {
+            return;
+        }
+        if on.is_empty() {
+            tracing::info!("MIG mode is off on every GPU");
+        } else {
+            tracing::info!(
+                "MIG mode is on for {}: each is reported as one physical GPU with its full memory; MIG instances are not counted as GPUs",
+                on.join(", ")
+            );
+        }
+        *last = on;
     }
 
     /// Warns about GPUs that were there at the last refresh and are gone now.
