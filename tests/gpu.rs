@@ -555,3 +555,30 @@ async fn mig_reports_physical_gpus_and_logs_the_mode_once() {
     assert_eq!(last["hardware"]["gpu_count"], 8);
     assert_eq!(last["hardware"]["gpu_memory"], 80);
 }
+
+/// A GPU whose bus id NVML cannot read is counted once: in `auto` the PCI scan does not add it
+/// again (8 on the board, 8 reported), and no "NVML cannot use it" warning names a healthy GPU.
+#[test]
+fn a_gpu_without_a_bus_id_is_not_counted_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=8\npci_fail_index=4\n");
+    let inv = collect(&fixture_host("h100x8"), GpuMode::Auto, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 8, "{:?}", inv.details.gpus);
+    assert!(inv.details.gpus.iter().all(|g| g.source == "nvml"));
+    assert_eq!(
+        inv.details
+            .gpus
+            .iter()
+            .filter(|g| g.bus_id.is_empty())
+            .count(),
+        1
+    );
+    assert!(
+        !inv.details
+            .gpu_notes
+            .iter()
+            .any(|n| n.contains("cannot use it")),
+        "{:?}",
+        inv.details.gpu_notes
+    );
+}

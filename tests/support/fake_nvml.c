@@ -19,6 +19,7 @@
  *   mem_v2_result=13       nvmlDeviceGetMemoryInfo_v2 returns this (13 = FUNCTION_NOT_FOUND, as
  *                          on early R510 builds; 3 = NOT_SUPPORTED)
  *   pci_device_id=0x233010de  what nvmlDeviceGetPciInfo_v3 reports (device << 16 | vendor)
+ *   pci_fail_index=4       nvmlDeviceGetPciInfo_v3 fails for this GPU (no bus id)
  *
  * Compiled with -DNO_MEMORY_V2 it does not export nvmlDeviceGetMemoryInfo_v2 at all (drivers
  * before R510); with -DNO_MEMORY_V1, not nvmlDeviceGetMemoryInfo.
@@ -78,6 +79,7 @@ static struct {
     int mem_v1_result;
     int mem_v2_result;
     unsigned pci_device_id;
+    int pci_fail_index;
 } cfg;
 
 /* Bus numbers of a real 8-GPU HGX board. */
@@ -97,6 +99,7 @@ static void load_config(void) {
     cfg.mem_v1_result = 0;
     cfg.mem_v2_result = 0;
     cfg.pci_device_id = 0x233010de;
+    cfg.pci_fail_index = -1;
 
     Dl_info info;
     if (!dladdr((void *)load_config, &info) || !info.dli_fname) return;
@@ -127,6 +130,7 @@ static void load_config(void) {
         else if (!strcmp(k, "mem_v1_result")) cfg.mem_v1_result = atoi(v);
         else if (!strcmp(k, "mem_v2_result")) cfg.mem_v2_result = atoi(v);
         else if (!strcmp(k, "pci_device_id")) cfg.pci_device_id = (unsigned)strtoul(v, NULL, 0);
+        else if (!strcmp(k, "pci_fail_index")) cfg.pci_fail_index = atoi(v);
     }
     fclose(f);
 }
@@ -210,6 +214,7 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
 nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
     int i = index_of(d);
     if (!p || i < 0) return NVML_ERROR_INVALID_ARGUMENT;
+    if (i == cfg.pci_fail_index) return 999; /* NVML_ERROR_UNKNOWN */
     unsigned bus = buses[(unsigned)i % 8] + (unsigned)i / 8;
     memset(p, 0, sizeof *p);
     p->domain = 0;
