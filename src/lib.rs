@@ -10,7 +10,6 @@
 //! Data flows one way: [`config`] → [`inventory`] → request → response → [`state`].
 
 pub mod api;
-pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -19,7 +18,6 @@ pub mod inventory;
 pub mod logging;
 pub mod metrics;
 pub mod perms;
-pub mod register;
 pub mod secret;
 pub mod shutdown;
 pub mod state;

@@ -5,5 +5,5 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = exalsius_node_agent::cli::Cli::parse();
-    ExitCode::from(exalsius_node_agent::app::main(cli))
+    ExitCode::from(exalsius_node_agent::commands::main(cli))
 }

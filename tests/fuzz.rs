@@ -102,7 +102,7 @@ fn check_text_parsers(text: &str) {
     let _ = system::parse_os_release(text);
     let _ = pci::lookup_name(text, 0x10de, 0x2330);
     let _ = pci::normalize_bus_id(text);
-    let _ = exalsius_node_agent::register::validate_endpoint(text);
+    let _ = exalsius_node_agent::commands::register::validate_endpoint(text);
     if let Ok(v) = reqwest::header::HeaderValue::from_str(text) {
         let _ = exalsius_node_agent::api::client::retry_after(Some(&v));
     }

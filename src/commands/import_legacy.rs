@@ -11,7 +11,7 @@
 use super::Failure;
 use crate::api::Issued;
 use crate::cli::ImportLegacyArgs;
-use crate::config::{Config, Overrides, process_env};
+use crate::config::{Config, Overrides};
 use crate::heartbeat::credentials::registered_state;
 use crate::secret::Secret;
 use crate::state::{LockError, State, StateStore};
@@ -318,8 +318,7 @@ fn load_existing(store: &StateStore, legacy: &Legacy) -> Existing {
 
 /// Runs `import-legacy`.
 pub fn run(overrides: &Overrides, args: &ImportLegacyArgs) -> Result<(), Failure> {
-    let cfg = Config::load(overrides, &process_env)
-        .map_err(|e| Failure::config(format!("configuration error: {e}")))?;
+    let cfg = super::load_config(overrides)?;
     crate::logging::init(&cfg.log.level, cfg.log.format);
     let from = args
         .from

@@ -1,11 +1,17 @@
-//! Commands in the shape every command is moving to (issue 10): each returns
-//! `Result<(), Failure>`; `app::main` prints the failure once and exits with its code. The
-//! older commands in `app.rs` and `register.rs` still print their own errors.
+//! The commands: one file per subcommand, each returning `Result<(), Failure>`. [`main`]
+//! dispatches, prints a failure once (one line on stderr) and turns it into the exit code; no
+//! command prints its own error line.
 
+pub mod check_config;
 pub mod doctor;
 pub mod import_legacy;
+pub mod inventory;
+pub mod register;
+pub mod run;
+pub mod status;
 
-use crate::config::EX_CONFIG;
+use crate::cli::{Cli, Command};
+use crate::config::{Config, EX_CONFIG, Overrides, process_env};
 
 /// Exit code for runtime failures.
 pub const EXIT_FAILURE: u8 = 1;
@@ -28,6 +34,11 @@ impl Failure {
         }
     }
 
+    /// Exit 1 with nothing more to say: the command's output already said it (`status`).
+    pub fn quiet() -> Self {
+        Self::runtime(String::new())
+    }
+
     /// A configuration or input problem (exit 78).
     pub fn config(message: impl Into<String>) -> Self {
         Self {
@@ -37,13 +48,50 @@ impl Failure {
     }
 }
 
+/// Dispatches a parsed command line; returns the process exit code.
+pub fn main(cli: Cli) -> u8 {
+    let overrides = Overrides {
+        config: cli.config.clone(),
+        api_url: cli.api_url.clone(),
+        node_id: cli.node_id.clone(),
+        state_dir: cli.state_dir.clone(),
+        log_level: cli.log_level.clone(),
+    };
+    exit_code(match cli.command {
+        Command::Run(args) => run::run(&overrides, &args),
+        Command::Inventory(args) => inventory::run(&overrides, &args),
+        Command::Status(args) => status::run(&overrides, &args),
+        Command::CheckConfig => check_config::run(&overrides),
+        Command::Register(args) => register::run(&overrides, &args),
+        Command::ImportLegacy(args) => import_legacy::run(&overrides, &args),
+        Command::Doctor(args) => doctor::run(&overrides, &args),
+    })
+}
+
 /// Prints a failure once (stderr) and turns the outcome into the exit code.
 pub fn exit_code(outcome: Result<(), Failure>) -> u8 {
     match outcome {
         Ok(()) => 0,
         Err(f) => {
-            eprintln!("exalsius-node-agent: {}", f.message);
+            if !f.message.is_empty() {
+                eprintln!("exalsius-node-agent: {}", f.message);
+            }
             f.code
         }
     }
+}
+
+/// The configuration, or the failure that names the key and file (exit 78).
+pub fn load_config(overrides: &Overrides) -> Result<Config, Failure> {
+    Config::load(overrides, &process_env)
+        .map_err(|e| Failure::config(format!("configuration error: {e}")))
+}
+
+/// The agent's runtime: current-thread (the multi-thread one costs ≈ 1.5× the CPU for this
+/// load); blocking probes go to `spawn_blocking`.
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))
 }

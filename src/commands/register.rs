@@ -4,10 +4,10 @@
 //! as a rotated token is (atomic, 0600), so `run` needs neither in the config. The register
 //! token is sent once and never written or logged.
 
+use super::{Failure, load_config, runtime};
 use crate::api::{ApiClient, FailureKind, NodeHardware, NodeSoftware, NodeSystem};
-use crate::app::{EXIT_FAILURE, load_or_report, runtime};
 use crate::cli::RegisterArgs;
-use crate::config::{Config, EX_CONFIG, Overrides};
+use crate::config::{Config, Overrides};
 use crate::heartbeat::Backoff;
 use crate::heartbeat::credentials::registered_state;
 use crate::inventory::{Collector, HostCollector};
@@ -111,115 +111,82 @@ fn register_token(args: &RegisterArgs) -> Result<Secret, String> {
     Ok(token)
 }
 
-/// Runs `register`; returns the exit code.
-pub fn command(overrides: &Overrides, args: &RegisterArgs) -> u8 {
-    let cfg = match load_or_report(overrides) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let invalid = |msg: String| {
-        eprintln!("exalsius-node-agent: {msg}");
-        EX_CONFIG
-    };
-    if let Err(m) = validate_endpoint(&args.endpoint) {
-        return invalid(m);
-    }
+/// Checks the arguments before anything else happens (exit 78 on a bad value).
+fn validate(args: &RegisterArgs) -> Result<Secret, Failure> {
+    validate_endpoint(&args.endpoint).map_err(Failure::config)?;
     if args.username.trim().is_empty() {
-        return invalid("--username is empty".to_string());
+        return Err(Failure::config("--username is empty"));
     }
     if args.ssh_key_id.trim().is_empty() {
-        return invalid("--ssh-key-id is empty".to_string());
+        return Err(Failure::config("--ssh-key-id is empty"));
     }
     if let Some(p) = args.price_per_hour
         && (!p.is_finite() || p < 0.0)
     {
-        return invalid(format!(
+        return Err(Failure::config(format!(
             "--price-per-hour {p} must be a non-negative number"
-        ));
+        )));
     }
-    let token = match register_token(args) {
-        Ok(t) => t,
-        Err(m) => return invalid(m),
-    };
+    register_token(args).map_err(Failure::config)
+}
+
+/// Runs `register`.
+pub fn run(overrides: &Overrides, args: &RegisterArgs) -> Result<(), Failure> {
+    let cfg = load_config(overrides)?;
+    let token = validate(args)?;
     crate::logging::init(&cfg.log.level, cfg.log.format);
 
     let store = StateStore::new(&cfg.state.dir);
     // One writer per state directory: a running agent would overwrite the new registration
     // with its next save. Taking the lock also proves the directory is writable before the
     // API is asked to register anything.
-    let lock = match store.lock() {
-        Ok(l) => l,
-        Err(e @ LockError::Held { .. }) => {
-            eprintln!(
-                "exalsius-node-agent: {e}; then run this register command again, and start the service afterwards: systemctl start exalsius-node-agent"
-            );
-            return EXIT_FAILURE;
-        }
-        Err(LockError::State(e)) => {
-            eprintln!(
-                "exalsius-node-agent: cannot write the state in {}: {e}; nothing was registered",
-                store.dir().display()
-            );
-            return EXIT_FAILURE;
-        }
-    };
+    let lock = store.lock().map_err(|e| match e {
+        e @ LockError::Held { .. } => Failure::runtime(format!(
+            "{e}; then run this register command again, and start the service afterwards: systemctl start exalsius-node-agent"
+        )),
+        LockError::State(e) => Failure::runtime(format!(
+            "cannot write the state in {}: {e}; nothing was registered",
+            store.dir().display()
+        )),
+    })?;
     match store.load() {
         Ok((Some(existing), _)) if !args.force => {
-            eprintln!(
-                "exalsius-node-agent: this agent already holds node {} ({}) in {}; \
+            return Err(Failure::runtime(format!(
+                "this agent already holds node {} ({}) in {}; \
                  use --force to register again (the old state is kept as state.json.bak)",
                 existing.node_id,
                 existing.api_url,
                 store.path().display()
-            );
-            return EXIT_FAILURE;
+            )));
         }
-        Ok(_) => {}
         Err(e) if !args.force => {
-            eprintln!("exalsius-node-agent: {e}; use --force to replace it");
-            return EXIT_FAILURE;
+            return Err(Failure::runtime(format!("{e}; use --force to replace it")));
         }
-        Err(_) => {}
+        _ => {}
     }
 
-    let runtime = match runtime() {
-        Ok(r) => r,
-        Err(code) => return code,
-    };
-    match runtime.block_on(register(&cfg, args, &token, &store, &lock)) {
-        Ok(node_id) => {
-            println!("registered node {node_id} with {}", cfg.api.url);
-            println!("state written to {}", store.path().display());
-            // A non-root user without a configured state dir registers into its own
-            // $XDG_STATE_HOME, which the system service never reads.
-            let users_own = !crate::perms::is_root()
-                && store.dir() == crate::config::default_state_dir(&crate::config::process_env)
-                && store.dir() != std::path::Path::new(crate::config::DEFAULT_STATE_DIR);
-            if users_own {
-                println!(
-                    "note: the system service reads {}, not {}: it will not see this registration; \
-                     to register for the service, run this command as root (sudo -E …)",
-                    crate::config::DEFAULT_STATE_DIR,
-                    store.dir().display()
-                );
-                println!("next: exalsius-node-agent run   (in the foreground, as this user)");
-            } else {
-                println!("next: systemctl enable --now exalsius-node-agent");
-                println!("   or: exalsius-node-agent run   (in the foreground)");
-            }
-            0
-        }
-        Err(Failed::Config(m)) => invalid(m),
-        Err(Failed::Api(m)) => {
-            eprintln!("exalsius-node-agent: registration failed: {m}");
-            EXIT_FAILURE
-        }
+    let runtime = runtime()?;
+    let node_id = runtime.block_on(register(&cfg, args, &token, &store, &lock))?;
+    println!("registered node {node_id} with {}", cfg.api.url);
+    println!("state written to {}", store.path().display());
+    // A non-root user without a configured state dir registers into its own
+    // $XDG_STATE_HOME, which the system service never reads.
+    let users_own = !crate::perms::is_root()
+        && store.dir() == crate::config::default_state_dir(&crate::config::process_env)
+        && store.dir() != std::path::Path::new(crate::config::DEFAULT_STATE_DIR);
+    if users_own {
+        println!(
+            "note: the system service reads {}, not {}: it will not see this registration; \
+             to register for the service, run this command as root (sudo -E …)",
+            crate::config::DEFAULT_STATE_DIR,
+            store.dir().display()
+        );
+        println!("next: exalsius-node-agent run   (in the foreground, as this user)");
+    } else {
+        println!("next: systemctl enable --now exalsius-node-agent");
+        println!("   or: exalsius-node-agent run   (in the foreground)");
     }
-}
-
-enum Failed {
-    Config(String),
-    Api(String),
+    Ok(())
 }
 
 async fn register(
@@ -228,12 +195,16 @@ async fn register(
     token: &Secret,
     store: &StateStore,
     lock: &crate::state::StateLock,
-) -> Result<Uuid, Failed> {
-    let client = ApiClient::new(&cfg.api).map_err(|e| Failed::Config(e.to_string()))?;
+) -> Result<Uuid, Failure> {
+    let client = ApiClient::new(&cfg.api).map_err(|e| Failure::config(e.to_string()))?;
     let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref());
     let inventory = tokio::task::spawn_blocking(move || collector.collect())
         .await
-        .map_err(|e| Failed::Api(format!("inventory collection failed: {e}")))?;
+        .map_err(|e| {
+            Failure::runtime(format!(
+                "registration failed: inventory collection failed: {e}"
+            ))
+        })?;
     let hostname = args.hostname.clone().unwrap_or_else(local_hostname);
     let body = NodeSelfRegisterRequest {
         register_token: token.expose(),
@@ -246,7 +217,8 @@ async fn register(
         software: &inventory.specs.software,
         system: &inventory.specs.system,
     };
-    let body = serde_json::to_vec(&body).map_err(|e| Failed::Api(e.to_string()))?;
+    let body = serde_json::to_vec(&body)
+        .map_err(|e| Failure::runtime(format!("registration failed: {e}")))?;
     let url = format!("{}/node/self-register", cfg.api.url);
     let mut backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
     let mut attempt = 0;
@@ -287,13 +259,13 @@ async fn register(
                     }
                     _ => f.message,
                 };
-                return Err(Failed::Api(msg));
+                return Err(Failure::runtime(format!("registration failed: {msg}")));
             }
         }
     };
     let node_id = Uuid::parse_str(success.body.node_id.trim()).map_err(|_| {
-        Failed::Api(format!(
-            "the API answered with node_id {:?}, which is not a UUID",
+        Failure::runtime(format!(
+            "registration failed: the API answered with node_id {:?}, which is not a UUID",
             success.body.node_id
         ))
     })?;
@@ -301,8 +273,8 @@ async fn register(
         tracing::warn!("registration answer: {note}");
     }
     let Some(issued) = success.body.issued else {
-        return Err(Failed::Api(
-            "the API registered the node but returned no access token".to_string(),
+        return Err(Failure::runtime(
+            "registration failed: the API registered the node but returned no access token",
         ));
     };
     let mut state = registered_state(node_id, &cfg.api.url, issued, SystemTime::now());
@@ -311,8 +283,8 @@ async fn register(
         Ok(Some(bak)) => tracing::info!("previous state kept as {}", bak.display()),
         Ok(None) => {}
         Err(e) => {
-            return Err(Failed::Api(format!(
-                "node {node_id} was registered but its token could not be saved: {e}; \
+            return Err(Failure::runtime(format!(
+                "registration failed: node {node_id} was registered but its token could not be saved: {e}; \
                  fix the state directory and register again with --force"
             )));
         }

@@ -1,0 +1,31 @@
+//! `check-config`: validate the configuration and print the effective values.
+
+use super::{Failure, load_config};
+use crate::config::Overrides;
+
+/// Runs `check-config`: 0 when valid (the values on stdout, tokens redacted), 78 when not.
+pub fn run(overrides: &Overrides) -> Result<(), Failure> {
+    let cfg = load_config(overrides)?;
+    crate::api::ApiClient::new(&cfg.api)
+        .map_err(|e| Failure::config(format!("configuration error: {e}")))?;
+    let source = cfg.source.as_deref().map_or_else(
+        || {
+            format!(
+                "no config file ({} not found): defaults and environment",
+                crate::config::DEFAULT_CONFIG_PATH
+            )
+        },
+        |p| p.display().to_string(),
+    );
+    println!("# effective configuration from {source}");
+    for w in &cfg.warnings {
+        println!("# warning: {w}");
+    }
+    print!("{}", cfg.to_redacted_toml());
+    if cfg.api.node_id.is_none() || cfg.api.access_token.is_none() {
+        println!(
+            "# note: api.node_id/api.access_token not both set: `run` needs them, or a node registered with `register`"
+        );
+    }
+    Ok(())
+}

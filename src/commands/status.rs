@@ -1,0 +1,141 @@
+//! `status`: the last heartbeat from the state file, as a health check.
+
+use super::{Failure, load_config};
+use crate::cli::StatusArgs;
+use crate::config::Overrides;
+use crate::state::{StateStore, rfc3339};
+use serde::Serialize;
+use std::time::{Duration, SystemTime};
+
+/// `status --json` (never the token).
+#[derive(Debug, Serialize)]
+struct StatusView {
+    node_id: String,
+    api_url: String,
+    last_attempt_at: Option<String>,
+    last_result: &'static str,
+    last_error: Option<String>,
+    last_success_at: Option<String>,
+    last_success_age_seconds: Option<u64>,
+    consecutive_failures: u32,
+    token_type: String,
+    token_expires_at: Option<String>,
+    healthy: bool,
+    healthy_if_success_within_seconds: u64,
+}
+
+/// Runs `status`: 0 when the last success is younger than 3 × `heartbeat.interval`, else 1
+/// (a health check; the view is printed either way).
+pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Failure> {
+    let cfg = load_config(overrides)?;
+    let store = StateStore::new(&cfg.state.dir);
+    let state = match store.load() {
+        Ok((Some(s), _)) => s,
+        Ok((None, _)) => {
+            if args.json {
+                println!("{{\"healthy\":false,\"message\":\"no heartbeat recorded yet\"}}");
+            } else {
+                println!(
+                    "no heartbeat recorded yet ({} does not exist)",
+                    store.path().display()
+                );
+            }
+            return Err(Failure::quiet());
+        }
+        Err(e) => return Err(Failure::runtime(e.to_string())),
+    };
+    let now = SystemTime::now();
+    let limit = cfg.heartbeat.interval.saturating_mul(3);
+    let age = state
+        .last_success_at
+        .map(|t| now.duration_since(t).unwrap_or_default());
+    let healthy = age.is_some_and(|a| a < limit);
+    let view = StatusView {
+        node_id: state.node_id.to_string(),
+        api_url: state.api_url.clone(),
+        last_attempt_at: state.last_attempt_at.map(rfc3339),
+        last_result: match (&state.last_attempt_at, &state.last_error) {
+            (None, _) => "none",
+            (Some(_), None) => "ok",
+            (Some(_), Some(_)) => "failed",
+        },
+        last_error: state.last_error.clone(),
+        last_success_at: state.last_success_at.map(rfc3339),
+        last_success_age_seconds: age.map(|a| a.as_secs()),
+        consecutive_failures: state.consecutive_failures,
+        token_type: state
+            .token_type
+            .clone()
+            .unwrap_or_else(|| "Bearer".to_string()),
+        token_expires_at: state.token_expires_at.map(rfc3339),
+        healthy,
+        healthy_if_success_within_seconds: limit.as_secs(),
+    };
+    if args.json {
+        let s = serde_json::to_string_pretty(&view)
+            .map_err(|e| Failure::runtime(format!("cannot render the status: {e}")))?;
+        println!("{s}");
+    } else {
+        let ago = |t: Option<SystemTime>| match t {
+            None => "never".to_string(),
+            Some(t) => format!(
+                "{} ({} ago)",
+                rfc3339(t),
+                short(now.duration_since(t).unwrap_or_default())
+            ),
+        };
+        let mut s = String::new();
+        s.push_str(&format!("node:                 {}\n", view.node_id));
+        s.push_str(&format!("api:                  {}\n", view.api_url));
+        let result = match &view.last_error {
+            Some(e) => format!("failed: {e}"),
+            None if state.last_attempt_at.is_some() => "ok".to_string(),
+            None => "-".to_string(),
+        };
+        s.push_str(&format!(
+            "last attempt:         {}: {result}\n",
+            ago(state.last_attempt_at)
+        ));
+        s.push_str(&format!(
+            "last success:         {}\n",
+            ago(state.last_success_at)
+        ));
+        s.push_str(&format!(
+            "consecutive failures: {}\n",
+            view.consecutive_failures
+        ));
+        let expiry = match state.token_expires_at {
+            None => "expiry unknown".to_string(),
+            Some(t) => match t.duration_since(now) {
+                Ok(left) => format!("expires {} (in {})", rfc3339(t), short(left)),
+                Err(_) => format!("EXPIRED at {}", rfc3339(t)),
+            },
+        };
+        s.push_str(&format!(
+            "token:                {}, {expiry}\n",
+            view.token_type
+        ));
+        s.push_str(&format!(
+            "health:               {}\n",
+            if healthy {
+                format!("ok (last success within 3 × interval = {})", short(limit))
+            } else {
+                format!(
+                    "UNHEALTHY (no success within 3 × interval = {})",
+                    short(limit)
+                )
+            }
+        ));
+        print!("{s}");
+    }
+    if healthy {
+        Ok(())
+    } else {
+        // The view says UNHEALTHY (or `"healthy": false`); the exit code is for scripts.
+        Err(Failure::quiet())
+    }
+}
+
+fn short(d: Duration) -> String {
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
