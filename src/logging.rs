@@ -1,12 +1,23 @@
 //! tracing set-up: everything to stderr (stdout belongs to the command's output), text or
 //! JSON, no timestamps under systemd (the journal adds its own).
 
-use crate::config::LogFormat;
+use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Parses a log filter: a level (`info`), or comma-separated `target=level` directives with an
 /// optional bare default (`exalsius_node_agent=debug,warn`). A plain target filter rather than

@@ -54,3 +54,33 @@ pub fn give_to_dir_owner(file: &File, dir: &Path) -> io::Result<()> {
     }
     std::os::unix::fs::fchown(file, Some(dir_meta.uid()), Some(dir_meta.gid()))
 }
+
+/// Why a file holding a secret is too open, if it is: readable by others, or by a group that is
+/// not the agent's own (the package installs the config `0640 root:exalsius-agent`, which is
+/// fine).
+pub fn secret_file_exposure(path: &Path) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o004 != 0 {
+        return Some(format!(
+            "{} is readable by every user (mode {mode:04o}); chmod o-r it",
+            path.display()
+        ));
+    }
+    if mode & 0o040 != 0 && Some(meta.gid()) != effective_gid() {
+        return Some(format!(
+            "{} is readable by group {} (mode {mode:04o}), which is not the agent's group; chmod g-r it",
+            path.display(),
+            meta.gid()
+        ));
+    }
+    None
+}
+
+/// The effective gid from `/proc/self/status` (`Gid: real effective saved fs`).
+fn effective_gid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Gid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}

@@ -237,3 +237,38 @@ fn the_contract_check_rejects_bodies_the_spec_does_not_allow() {
         assert!(r.is_err(), "accepted {bad}");
     }
 }
+
+/// `check-config` says where each value came from: flag > environment > file > default.
+#[test]
+fn check_config_names_the_origin_of_each_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        "[api]\nurl = \"https://file.example\"\n[heartbeat]\ninterval = \"30s\"\n[log]\nlevel = \"debug\"\n",
+    )
+    .unwrap();
+    let out = agent_cmd()
+        .args(["check-config", "--state-dir", "/tmp/flag-state"])
+        .env("EXALSIUS_AGENT_CONFIG", &cfg)
+        .env("EXALSIUS_API_URL", "https://env.example/v1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let origin = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("#   {key} ")))
+            .map(|l| l.split_whitespace().last().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no origin line for {key}: {stdout}"))
+    };
+    assert_eq!(origin("api.url"), "EXALSIUS_API_URL");
+    assert_eq!(origin("state.dir"), "--state-dir");
+    assert_eq!(origin("heartbeat.interval"), cfg.display().to_string());
+    assert_eq!(origin("log.level"), cfg.display().to_string());
+    assert!(
+        !stdout.contains("#   heartbeat.jitter"),
+        "defaults are not listed: {stdout}"
+    );
+}

@@ -21,6 +21,12 @@ pub fn run(overrides: &Overrides) -> Result<(), Failure> {
     for w in &cfg.warnings {
         println!("# warning: {w}");
     }
+    if !cfg.origins.is_empty() {
+        println!("# where the values came from (the others are defaults):");
+        for (key, origin) in &cfg.origins {
+            println!("#   {key:<28} {origin}");
+        }
+    }
     print!("{}", cfg.to_redacted_toml());
     if cfg.api.node_id.is_none() || cfg.api.access_token.is_none() {
         println!(
