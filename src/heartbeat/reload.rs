@@ -1,0 +1,97 @@
+//! SIGHUP: every setting that can change without a restart.
+
+use super::*;
+
+impl Agent {
+    /// SIGHUP: applies every setting it can — logging, GPU discovery (a new collector), the
+    /// API client, the schedule, the credentials; the state directory needs a restart.
+    pub(super) fn reload(
+        &mut self,
+        reloader: Option<&Reloader>,
+        collectors: Option<&CollectorFactory>,
+    ) {
+        systemd::reloading();
+        let Some(reloader) = reloader else {
+            return;
+        };
+        let cfg = match reloader() {
+            Ok(c) => c,
+            Err(e) => {
+                error!("reload: keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let client = match ApiClient::new(&cfg.api) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("reload: keeping the running configuration: {e}");
+                return;
+            }
+        };
+        if self.mode != Mode::DryRun {
+            if cfg.state.dir != self.store.dir() {
+                warn!(
+                    "reload: state.dir changed to {}; that takes a restart (systemctl restart exalsius-node-agent); still using {}",
+                    cfg.state.dir.display(),
+                    self.store.dir().display()
+                );
+            }
+            let mut creds = self.creds.clone();
+            match creds.reconfigure(&cfg) {
+                Ok(changed) => {
+                    if let Some(why) = changed {
+                        info!(node_id = %creds.state().node_id, "reload: {why}");
+                    }
+                    self.creds = creds;
+                }
+                Err(e) => {
+                    error!("reload: keeping the running configuration: {e}");
+                    return;
+                }
+            }
+        }
+        self.schedule.reconfigure(&cfg.heartbeat);
+        self.client = client;
+        self.reconfigure_metrics(&cfg);
+        if let Err(e) = crate::logging::reconfigure(&cfg.log.level, cfg.log.format) {
+            debug!("reload: logging unchanged: {e}");
+        }
+        let inv = (&cfg.inventory.gpu, &cfg.inventory.nvml_library);
+        if inv != (&self.cfg.inventory.gpu, &self.cfg.inventory.nvml_library)
+            && let Some(build) = collectors
+        {
+            info!(gpu = ?cfg.inventory.gpu, "reload: GPU discovery reconfigured");
+            self.collector = build(&cfg);
+        }
+        for w in &cfg.warnings {
+            warn!("{w}");
+        }
+        info!(
+            interval = %secs(cfg.heartbeat.interval),
+            "configuration reloaded"
+        );
+        let dir = self.cfg.state.dir.clone();
+        self.cfg = cfg;
+        // The state directory is the one setting a reload cannot change.
+        self.cfg.state.dir = dir;
+    }
+
+    /// SIGHUP: a new interval, or a new (or no) metrics file.
+    pub(super) fn reconfigure_metrics(&mut self, cfg: &Config) {
+        if self.mode == Mode::DryRun {
+            return;
+        }
+        match (&mut self.metrics, &cfg.metrics.textfile) {
+            (Some(m), Some(p)) if m.path() == p => m.set_interval(cfg.heartbeat.interval),
+            (_, Some(p)) => {
+                info!(textfile = %p.display(), "reload: metrics file set");
+                self.metrics = Some(Metrics::new(
+                    p,
+                    cfg.heartbeat.interval,
+                    Some(self.creds.state()),
+                ));
+            }
+            (_, None) => self.metrics = None,
+        }
+    }
+}
