@@ -4,6 +4,9 @@
 
 mod local;
 mod net;
+mod state;
+mod tls;
+mod unit;
 
 use super::Failure;
 use crate::cli::DoctorArgs;
@@ -151,8 +154,8 @@ pub fn run(overrides: &Overrides, args: &DoctorArgs) -> Result<(), Failure> {
 
 fn collect(cfg: Result<Config, crate::config::ConfigError>, args: &DoctorArgs) -> Vec<Check> {
     let mut checks = Vec::new();
-    let unit = local::Unit::find();
-    let user = local::service_user(args.service_user.as_deref(), &unit);
+    let unit = unit::Unit::find();
+    let user = unit::service_user(args.service_user.as_deref(), &unit);
     let cfg = match cfg {
         Ok(cfg) => {
             checks.push(local::config_check(&cfg, &user));
@@ -172,8 +175,8 @@ fn collect(cfg: Result<Config, crate::config::ConfigError>, args: &DoctorArgs) -
         || crate::config::default_state_dir(&process_env),
         |c| c.state.dir.clone(),
     );
-    checks.extend(local::state_checks(&state_dir, &user));
-    checks.extend(local::service_checks(&state_dir, &unit));
+    checks.extend(state::state_checks(&state_dir, &user));
+    checks.extend(state::service_checks(&state_dir, &unit));
     let Some(cfg) = cfg else {
         checks.push(Check::info(
             "api",
