@@ -1,33 +1,15 @@
-//! `import-legacy`: take over a node from client-hw-info, exalsius's earlier one-shot tool,
-//! without registering it again.
-//!
-//! client-hw-info keeps `NODE_ID`, `API_URL` and `AUTH_TOKEN` (the latest rotated token) in
-//! `config.env` and runs from `client-hw-info.timer`. Two programs rotating one token lock each
-//! other out, so the order is: validate everything; stop and disable the legacy timer (and
-//! its service); read the file again (a run that was in progress may have rotated the token);
-//! write the state exactly as `register` does; rename the file to `config.env.migrated`. If the
-//! state cannot be written, the legacy timer is enabled again: the node never goes quiet.
+//! The pure half of `import-legacy`: client-hw-info's `config.env` parsed and validated, the
+//! decision what to do given the agent's config and state, and the state to write. No I/O.
 
-use super::Failure;
+use super::super::Failure;
 use crate::api::Issued;
-use crate::cli::ImportLegacyArgs;
-use crate::config::{Config, Overrides};
+use crate::config::Config;
 use crate::heartbeat::credentials::registered_state;
 use crate::secret::Secret;
-use crate::state::{LockError, State, StateStore};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use crate::state::State;
+use std::path::Path;
 use std::time::SystemTime;
 use uuid::Uuid;
-
-/// Where client-hw-info keeps root's credentials.
-pub const DEFAULT_LEGACY_FILE: &str = "/root/.config/exalsius/config.env";
-/// The legacy timer and the service it starts.
-pub const LEGACY_TIMER: &str = "client-hw-info.timer";
-/// The legacy one-shot service.
-pub const LEGACY_SERVICE: &str = "client-hw-info.service";
-/// A legacy file larger than this is not a config.env.
-const MAX_LEGACY_BYTES: u64 = 64 * 1024;
 
 /// What client-hw-info left, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,7 +122,7 @@ pub enum Existing {
 }
 
 impl Existing {
-    fn of(stored: Result<Option<State>, String>, legacy: &Legacy) -> Self {
+    pub(super) fn of(stored: Result<Option<State>, String>, legacy: &Legacy) -> Self {
         match stored {
             Ok(None) => Self::None,
             Ok(Some(s)) if s.node_id != legacy.node_id => Self::OtherNode(s.node_id),
@@ -236,241 +218,6 @@ pub fn imported_state(legacy: &Legacy, plan: &Plan, now: SystemTime) -> State {
     let mut state = registered_state(legacy.node_id, &legacy.api_url, issued, now);
     state.bootstrap_token_sha256 = plan.bootstrap_sha256.clone();
     state
-}
-
-/// The legacy units, through `systemctl` when systemd runs this machine.
-#[derive(Debug)]
-struct Units {
-    systemd: bool,
-}
-
-impl Units {
-    fn detect() -> Self {
-        Self {
-            systemd: Path::new("/run/systemd/system").is_dir(),
-        }
-    }
-
-    fn systemctl(args: &[&str]) -> Result<String, String> {
-        let out = Command::new("systemctl")
-            .args(args)
-            .output()
-            .map_err(|e| format!("systemctl {}: {e}", args.join(" ")))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(format!(
-                "systemctl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    /// Whether systemd knows the legacy timer.
-    fn timer_installed(&self) -> bool {
-        if self.systemd {
-            Self::systemctl(&["show", "-p", "LoadState", "--value", LEGACY_TIMER])
-                .is_ok_and(|s| s == "loaded")
-        } else {
-            Path::new("/etc/systemd/system").join(LEGACY_TIMER).exists()
-        }
-    }
-
-    /// Stops the timer and the service (waiting for a run in progress) and disables the timer.
-    fn stop_and_disable(&self) -> Result<(), String> {
-        Self::systemctl(&["stop", LEGACY_TIMER, LEGACY_SERVICE])?;
-        Self::systemctl(&["disable", LEGACY_TIMER])?;
-        Ok(())
-    }
-
-    /// Undoes `stop_and_disable` (the import failed after it).
-    fn restore(&self) -> Result<(), String> {
-        Self::systemctl(&["enable", "--now", LEGACY_TIMER]).map(|_| ())
-    }
-}
-
-fn read_legacy(path: &Path) -> Result<Legacy, Failure> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Failure::runtime(format!(
-            "{}: not found; nothing to import (name another file with --from)",
-            path.display()
-        )),
-        _ => Failure::runtime(format!("cannot read {}: {e}", path.display())),
-    })?;
-    if !meta.is_file() || meta.len() > MAX_LEGACY_BYTES {
-        return Err(Failure::config(format!(
-            "{} is not a client-hw-info config.env (not a regular file of at most 64 KiB)",
-            path.display()
-        )));
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::runtime(format!("cannot read {}: {e}", path.display())))?;
-    parse_legacy(&text, path).map_err(Failure::config)
-}
-
-fn load_existing(store: &StateStore, legacy: &Legacy) -> Existing {
-    Existing::of(
-        store.load().map(|(s, _)| s).map_err(|e| e.to_string()),
-        legacy,
-    )
-}
-
-/// Runs `import-legacy`.
-pub fn run(overrides: &Overrides, args: &ImportLegacyArgs) -> Result<(), Failure> {
-    let cfg = super::load_config(overrides)?;
-    crate::logging::init(&cfg.log.level, cfg.log.format);
-    let from = args
-        .from
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_LEGACY_FILE));
-    let legacy = read_legacy(&from)?;
-    let store = StateStore::new(&cfg.state.dir);
-    let plan = decide(&legacy, &cfg, &load_existing(&store, &legacy), args.force)?;
-    let units = Units::detect();
-    let timer = units.timer_installed();
-    let migrated = migrated_path(&from);
-    if args.dry_run {
-        println!("import-legacy --dry-run: nothing is changed");
-        println!(
-            "legacy node {} at {} (token from {})",
-            legacy.node_id,
-            legacy.api_url,
-            from.display()
-        );
-        match (timer, units.systemd) {
-            (true, true) => {
-                println!("would stop and disable {LEGACY_TIMER} and stop {LEGACY_SERVICE}")
-            }
-            (true, false) => println!(
-                "{LEGACY_TIMER} is installed but systemd is not running here: disable it yourself"
-            ),
-            (false, _) => println!("{LEGACY_TIMER} is not installed: nothing to stop"),
-        }
-        if plan.write_state {
-            println!(
-                "would write {}{}",
-                store.path().display(),
-                if plan.keep_old {
-                    " (the old one kept as state.json.bak)"
-                } else {
-                    ""
-                }
-            );
-        } else {
-            println!(
-                "{} already holds this node and token",
-                store.path().display()
-            );
-        }
-        println!("would rename {} to {}", from.display(), migrated.display());
-        return Ok(());
-    }
-
-    // One writer per state directory, as for `register`.
-    let lock = store.lock().map_err(|e| match e {
-        e @ LockError::Held { .. } => {
-            Failure::runtime(format!("{e}; then run import-legacy again"))
-        }
-        LockError::State(e) => Failure::runtime(format!(
-            "cannot write the state in {}: {e}; nothing was imported",
-            store.dir().display()
-        )),
-    })?;
-    let stopped = match (timer, units.systemd) {
-        (true, true) => {
-            units.stop_and_disable().map_err(|e| {
-                Failure::runtime(format!(
-                    "{e}; nothing was imported (two programs must never rotate one token): stop {LEGACY_TIMER} yourself and run import-legacy again"
-                ))
-            })?;
-            println!("stopped and disabled {LEGACY_TIMER} (and stopped {LEGACY_SERVICE})");
-            true
-        }
-        (true, false) => {
-            println!(
-                "note: {LEGACY_TIMER} is installed but systemd is not running here; make sure client-hw-info does not run any more"
-            );
-            false
-        }
-        (false, _) => false,
-    };
-    // A legacy run that was in progress may have rotated the token: read the file again now
-    // that nothing writes it.
-    let finish = || -> Result<Plan, Failure> {
-        let legacy_now = read_legacy(&from)?;
-        if legacy_now.node_id != legacy.node_id || legacy_now.api_url != legacy.api_url {
-            return Err(Failure::runtime(format!(
-                "{} changed while importing (another node or API); nothing was imported",
-                from.display()
-            )));
-        }
-        let plan = decide(
-            &legacy_now,
-            &cfg,
-            &load_existing(&store, &legacy_now),
-            args.force,
-        )?;
-        if plan.write_state {
-            let state = imported_state(&legacy_now, &plan, SystemTime::now());
-            match store.replace(&lock, &state, plan.keep_old) {
-                Ok(Some(bak)) => println!("previous state kept as {}", bak.display()),
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(Failure::runtime(format!(
-                        "cannot write the state: {e}; nothing was imported"
-                    )));
-                }
-            }
-        }
-        Ok(plan)
-    };
-    let plan = match finish() {
-        Ok(p) => p,
-        Err(mut f) => {
-            if stopped {
-                f.message = match units.restore() {
-                    Ok(()) => format!("{}; {LEGACY_TIMER} is enabled again", f.message),
-                    Err(e) => format!(
-                        "{}; and {LEGACY_TIMER} could not be enabled again ({e}): this node sends no heartbeats until one of the two runs",
-                        f.message
-                    ),
-                };
-            }
-            return Err(f);
-        }
-    };
-    if plan.write_state {
-        println!(
-            "imported node {} ({}) into {}",
-            legacy.node_id,
-            legacy.api_url,
-            store.path().display()
-        );
-    } else {
-        println!(
-            "{} already holds node {} with this token",
-            store.path().display(),
-            legacy.node_id
-        );
-    }
-    match std::fs::rename(&from, &migrated) {
-        Ok(()) => println!("renamed {} to {}", from.display(), migrated.display()),
-        Err(e) => println!(
-            "warning: cannot rename {} to {}: {e}; remove it so that client-hw-info cannot use the token again",
-            from.display(),
-            migrated.display()
-        ),
-    }
-    println!("next: systemctl enable --now exalsius-node-agent");
-    println!("   or: exalsius-node-agent run   (in the foreground)");
-    Ok(())
-}
-
-fn migrated_path(from: &Path) -> PathBuf {
-    let mut name = from.file_name().unwrap_or_default().to_os_string();
-    name.push(".migrated");
-    from.with_file_name(name)
 }
 
 #[cfg(test)]
@@ -648,13 +395,5 @@ mod tests {
             c.api.url = url.to_string();
             c
         }
-    }
-
-    #[test]
-    fn migrated_name() {
-        assert_eq!(
-            migrated_path(Path::new("/root/.config/exalsius/config.env")),
-            PathBuf::from("/root/.config/exalsius/config.env.migrated")
-        );
     }
 }
