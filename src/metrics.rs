@@ -125,64 +125,7 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let ts = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64())
-        };
-        let mut gauge = |name: &str, help: &str, value: f64| {
-            let _ = write!(
-                out,
-                "# HELP {NS}_{name} {help}\n# TYPE {NS}_{name} gauge\n{NS}_{name} {}\n",
-                num(value)
-            );
-        };
-        gauge(
-            "start_time_seconds",
-            "When this agent process started (Unix time).",
-            ts(self.started),
-        );
-        gauge(
-            "heartbeat_interval_seconds",
-            "The configured heartbeat.interval.",
-            self.interval.as_secs_f64(),
-        );
-        gauge(
-            "last_attempt_timestamp_seconds",
-            "Last heartbeat attempt (Unix time; 0: never).",
-            self.last_attempt.map_or(0.0, ts),
-        );
-        gauge(
-            "last_success_timestamp_seconds",
-            "Last successful heartbeat (Unix time; 0: never).",
-            self.last_success.map_or(0.0, ts),
-        );
-        gauge(
-            "consecutive_failures",
-            "Failed heartbeat attempts since the last success.",
-            f64::from(self.consecutive_failures),
-        );
-        gauge(
-            "last_http_status",
-            "HTTP status of the last attempt (0: no answer, e.g. a connection error).",
-            f64::from(self.last_status.unwrap_or(0)),
-        );
-        if let Some(t) = self.token_expiry {
-            gauge(
-                "token_expiry_timestamp_seconds",
-                "When the stored access token expires (Unix time); absent when the API did not say.",
-                ts(t),
-            );
-        }
-        if let Some(n) = self.gpus {
-            gauge("gpus", "GPUs reported to the API.", f64::from(n));
-        }
-        if let Some(s) = self.refresh_seconds {
-            gauge(
-                "inventory_refresh_duration_seconds",
-                "How long the last inventory collection took.",
-                s,
-            );
-        }
+        self.render_gauges(&mut out);
         let _ = write!(
             out,
             "# HELP {NS}_build_info The running build (always 1).\n# TYPE {NS}_build_info gauge\n\
@@ -190,24 +133,84 @@ impl Metrics {
             label(env!("CARGO_PKG_VERSION")),
             label(build_commit())
         );
-        let _ = write!(
-            out,
-            "# HELP {NS}_heartbeats_total Heartbeat attempts by outcome.\n# TYPE {NS}_heartbeats_total counter\n"
+        counter(
+            &mut out,
+            "heartbeats_total",
+            "Heartbeat attempts by outcome.",
+            "outcome",
+            &self.attempts,
         );
-        for (outcome, n) in &self.attempts {
-            let _ = writeln!(out, "{NS}_heartbeats_total{{outcome=\"{outcome}\"}} {n}");
+        counter(
+            &mut out,
+            "inventory_errors_total",
+            "Failed inventory collections by source.",
+            "source",
+            &self.inventory_errors,
+        );
+        self.render_latency(&mut out);
+        out
+    }
+
+    fn render_gauges(&self, out: &mut String) {
+        let ts = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let mut rows = vec![
+            (
+                "start_time_seconds",
+                "When this agent process started (Unix time).",
+                ts(self.started),
+            ),
+            (
+                "heartbeat_interval_seconds",
+                "The configured heartbeat.interval.",
+                self.interval.as_secs_f64(),
+            ),
+            (
+                "last_attempt_timestamp_seconds",
+                "Last heartbeat attempt (Unix time; 0: never).",
+                self.last_attempt.map_or(0.0, ts),
+            ),
+            (
+                "last_success_timestamp_seconds",
+                "Last successful heartbeat (Unix time; 0: never).",
+                self.last_success.map_or(0.0, ts),
+            ),
+            (
+                "consecutive_failures",
+                "Failed heartbeat attempts since the last success.",
+                f64::from(self.consecutive_failures),
+            ),
+            (
+                "last_http_status",
+                "HTTP status of the last attempt (0: no answer, e.g. a connection error).",
+                f64::from(self.last_status.unwrap_or(0)),
+            ),
+        ];
+        if let Some(t) = self.token_expiry {
+            rows.push(("token_expiry_timestamp_seconds", "When the stored access token expires (Unix time); absent when the API did not say.", ts(t)));
         }
-        let _ = write!(
-            out,
-            "# HELP {NS}_inventory_errors_total Failed inventory collections by source.\n\
-             # TYPE {NS}_inventory_errors_total counter\n"
-        );
-        for (source, n) in &self.inventory_errors {
-            let _ = writeln!(
+        if let Some(n) = self.gpus {
+            rows.push(("gpus", "GPUs reported to the API.", f64::from(n)));
+        }
+        if let Some(s) = self.refresh_seconds {
+            rows.push((
+                "inventory_refresh_duration_seconds",
+                "How long the last inventory collection took.",
+                s,
+            ));
+        }
+        for (name, help, value) in rows {
+            let _ = write!(
                 out,
-                "{NS}_inventory_errors_total{{source=\"{source}\"}} {n}"
+                "# HELP {NS}_{name} {help}\n# TYPE {NS}_{name} gauge\n{NS}_{name} {}\n",
+                num(value)
             );
         }
+    }
+
+    fn render_latency(&self, out: &mut String) {
         let name = format!("{NS}_heartbeat_duration_seconds");
         let _ = write!(
             out,
@@ -223,7 +226,6 @@ impl Metrics {
             num(self.latency_sum),
             self.latency_count
         );
-        out
     }
 
     /// Rewrites the file; a failure is logged once per distinct error and never stops a
@@ -254,6 +256,17 @@ impl Metrics {
                 }
             }
         }
+    }
+}
+
+/// A counter family with one label.
+fn counter(out: &mut String, name: &str, help: &str, key: &str, values: &BTreeMap<&str, u64>) {
+    let _ = write!(
+        out,
+        "# HELP {NS}_{name} {help}\n# TYPE {NS}_{name} counter\n"
+    );
+    for (value, n) in values {
+        let _ = writeln!(out, "{NS}_{name}{{{key}=\"{value}\"}} {n}");
     }
 }
 

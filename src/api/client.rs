@@ -235,60 +235,64 @@ impl ApiClient {
             });
 
         if status.is_success() {
-            let body = body.map_err(|m| {
-                Failure::new(
-                    FailureKind::Retryable,
-                    Some(code),
-                    format!("HTTP {code}: {m}"),
-                )
-            })?;
-            if let Some(ct) = &content_type
-                && !ct.contains("json")
-            {
-                return Err(Failure::new(
-                    FailureKind::Retryable,
-                    Some(code),
-                    format!("HTTP {code} with unexpected content type {ct:?}"),
-                ));
-            }
-            let parsed = serde_json::from_slice::<TokenResponse>(&body)
-                .map_err(|e| format!("an unreadable body ({} bytes): {e}", body.len()))
-                .and_then(TokenResponse::interpret)
-                .map_err(|m| {
-                    Failure::new(
-                        FailureKind::Retryable,
-                        Some(code),
-                        format!("HTTP {code} with {m}"),
-                    )
-                })?;
-            return Ok(Success {
-                status: code,
-                latency: started.elapsed(),
-                body: parsed,
-            });
+            return success(code, content_type.as_deref(), body, started.elapsed());
         }
-
-        let kind = classify(status);
-        let mut message = format!("HTTP {code}");
-        if let Some(reason) = status.canonical_reason() {
-            message.push(' ');
-            message.push_str(reason);
-        }
-        if status.is_redirection() {
-            message.push_str(": redirect not followed");
-            if let Some(loc) = location {
-                message.push_str(&format!(" (Location: {})", truncate(&loc, 200)));
-            }
-        }
-        if let Ok(b) = &body
-            && let Some(problem) = Problem::parse(b)
-        {
-            message.push_str(&format!(": {}", truncate(&problem.to_string(), 500)));
-        }
-        let mut failure = Failure::new(kind, Some(code), message);
-        failure.retry_after = retry_after;
-        Err(failure)
+        Err(failure(status, location, body.ok().as_deref(), retry_after))
     }
+}
+
+/// A 2xx: usable only with a JSON body the lenient reading accepts.
+fn success(
+    code: u16,
+    content_type: Option<&str>,
+    body: Result<Vec<u8>, String>,
+    latency: Duration,
+) -> Outcome {
+    let retryable = |m: String| Failure::new(FailureKind::Retryable, Some(code), m);
+    let body = body.map_err(|m| retryable(format!("HTTP {code}: {m}")))?;
+    if let Some(ct) = content_type
+        && !ct.contains("json")
+    {
+        return Err(retryable(format!(
+            "HTTP {code} with unexpected content type {ct:?}"
+        )));
+    }
+    let parsed = serde_json::from_slice::<TokenResponse>(&body)
+        .map_err(|e| format!("an unreadable body ({} bytes): {e}", body.len()))
+        .and_then(TokenResponse::interpret)
+        .map_err(|m| retryable(format!("HTTP {code} with {m}")))?;
+    Ok(Success {
+        status: code,
+        latency,
+        body: parsed,
+    })
+}
+
+/// Any other status: classified, with the problem+json detail and a redirect's target.
+fn failure(
+    status: StatusCode,
+    location: Option<String>,
+    body: Option<&[u8]>,
+    retry_after: Option<Duration>,
+) -> Failure {
+    let code = status.as_u16();
+    let mut message = format!("HTTP {code}");
+    if let Some(reason) = status.canonical_reason() {
+        message.push(' ');
+        message.push_str(reason);
+    }
+    if status.is_redirection() {
+        message.push_str(": redirect not followed");
+        if let Some(loc) = location {
+            message.push_str(&format!(" (Location: {})", truncate(&loc, 200)));
+        }
+    }
+    if let Some(problem) = body.and_then(Problem::parse) {
+        message.push_str(&format!(": {}", truncate(&problem.to_string(), 500)));
+    }
+    let mut failure = Failure::new(classify(status), Some(code), message);
+    failure.retry_after = retry_after;
+    failure
 }
 
 fn classify(status: StatusCode) -> FailureKind {

@@ -220,49 +220,7 @@ async fn register(
     let body = serde_json::to_vec(&body)
         .map_err(|e| Failure::runtime(format!("registration failed: {e}")))?;
     let url = format!("{}/node/self-register", cfg.api.url);
-    let mut backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
-    let mut attempt = 0;
-    // An attempt that got no answer (a timeout, a reset) may still have registered the node.
-    let mut maybe_registered = false;
-    let success = loop {
-        attempt += 1;
-        match client.post_json(&url, body.clone()).await {
-            Ok(s) => break s,
-            Err(f) => {
-                let msg = match (f.kind, f.status) {
-                    (FailureKind::Conflict, _) if maybe_registered => format!(
-                        "{f}: an earlier attempt got no answer and may have registered this node \
-                         ({hostname}) already, but its token was never received; remove the node \
-                         from the pool (or ask exalsius support for its token) and register again"
-                    ),
-                    (FailureKind::Unauthorized, _) => {
-                        format!("{f}: the registration token is invalid or expired; get a new one")
-                    }
-                    (FailureKind::Conflict, _) => format!(
-                        "{f}: a node with this hostname or endpoint already exists in the pool"
-                    ),
-                    (FailureKind::Retryable, _) if attempt < REGISTER_ATTEMPTS => {
-                        maybe_registered |=
-                            f.status.is_none() || f.status.is_some_and(|s| s >= 500);
-                        let wait = backoff
-                            .next_delay()
-                            .max(f.retry_after.unwrap_or(Duration::ZERO));
-                        tracing::warn!(
-                            "registration attempt {attempt} failed: {f}; retrying in {:.1}s",
-                            wait.as_secs_f64()
-                        );
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                    (FailureKind::Retryable, _) => {
-                        format!("{f} (gave up after {attempt} attempts)")
-                    }
-                    _ => f.message,
-                };
-                return Err(Failure::runtime(format!("registration failed: {msg}")));
-            }
-        }
-    };
+    let success = post_with_retries(&client, cfg, &url, body, &hostname).await?;
     let node_id = Uuid::parse_str(success.body.node_id.trim()).map_err(|_| {
         Failure::runtime(format!(
             "registration failed: the API answered with node_id {:?}, which is not a UUID",
@@ -290,6 +248,56 @@ async fn register(
         }
     }
     Ok(node_id)
+}
+
+/// `POST` with up to [`REGISTER_ATTEMPTS`] attempts on connection problems and 5xx, backing off
+/// as the heartbeats do; each final failure says what it means for this node.
+async fn post_with_retries(
+    client: &ApiClient,
+    cfg: &Config,
+    url: &str,
+    body: Vec<u8>,
+    hostname: &str,
+) -> Result<crate::api::Success, Failure> {
+    let mut backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
+    let mut attempt = 0;
+    // An attempt that got no answer (a timeout, a reset) may still have registered the node.
+    let mut maybe_registered = false;
+    loop {
+        attempt += 1;
+        let f = match client.post_json(url, body.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(f) => f,
+        };
+        let msg = match f.kind {
+            FailureKind::Conflict if maybe_registered => format!(
+                "{f}: an earlier attempt got no answer and may have registered this node \
+                 ({hostname}) already, but its token was never received; remove the node \
+                 from the pool (or ask exalsius support for its token) and register again"
+            ),
+            FailureKind::Unauthorized => {
+                format!("{f}: the registration token is invalid or expired; get a new one")
+            }
+            FailureKind::Conflict => {
+                format!("{f}: a node with this hostname or endpoint already exists in the pool")
+            }
+            FailureKind::Retryable if attempt < REGISTER_ATTEMPTS => {
+                maybe_registered |= f.status.is_none() || f.status.is_some_and(|s| s >= 500);
+                let wait = backoff
+                    .next_delay()
+                    .max(f.retry_after.unwrap_or(Duration::ZERO));
+                tracing::warn!(
+                    "registration attempt {attempt} failed: {f}; retrying in {:.1}s",
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            FailureKind::Retryable => format!("{f} (gave up after {attempt} attempts)"),
+            _ => f.message,
+        };
+        return Err(Failure::runtime(format!("registration failed: {msg}")));
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use super::{Failure, load_config};
 use crate::cli::StatusArgs;
 use crate::config::Overrides;
-use crate::state::{StateStore, rfc3339};
+use crate::state::{State, StateStore, rfc3339};
 use serde::Serialize;
 use std::time::{Duration, SystemTime};
 
@@ -45,12 +45,28 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Failure> {
         Err(e) => return Err(Failure::runtime(e.to_string())),
     };
     let now = SystemTime::now();
-    let limit = cfg.heartbeat.interval.saturating_mul(3);
+    let view = view(&state, cfg.heartbeat.interval.saturating_mul(3), now);
+    if args.json {
+        let s = serde_json::to_string_pretty(&view)
+            .map_err(|e| Failure::runtime(format!("cannot render the status: {e}")))?;
+        println!("{s}");
+    } else {
+        print!("{}", render(&view, &state, now));
+    }
+    if view.healthy {
+        Ok(())
+    } else {
+        // The view says UNHEALTHY (or `"healthy": false`); the exit code is for scripts.
+        Err(Failure::quiet())
+    }
+}
+
+/// The status of a state at `now`, healthy when the last success is younger than `limit`.
+fn view(state: &State, limit: Duration, now: SystemTime) -> StatusView {
     let age = state
         .last_success_at
         .map(|t| now.duration_since(t).unwrap_or_default());
-    let healthy = age.is_some_and(|a| a < limit);
-    let view = StatusView {
+    StatusView {
         node_id: state.node_id.to_string(),
         api_url: state.api_url.clone(),
         last_attempt_at: state.last_attempt_at.map(rfc3339),
@@ -68,72 +84,50 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Failure> {
             .clone()
             .unwrap_or_else(|| "Bearer".to_string()),
         token_expires_at: state.token_expires_at.map(rfc3339),
-        healthy,
+        healthy: age.is_some_and(|a| a < limit),
         healthy_if_success_within_seconds: limit.as_secs(),
+    }
+}
+
+/// The human view.
+fn render(view: &StatusView, state: &State, now: SystemTime) -> String {
+    let ago = |t: Option<SystemTime>| match t {
+        None => "never".to_string(),
+        Some(t) => format!(
+            "{} ({} ago)",
+            rfc3339(t),
+            short(now.duration_since(t).unwrap_or_default())
+        ),
     };
-    if args.json {
-        let s = serde_json::to_string_pretty(&view)
-            .map_err(|e| Failure::runtime(format!("cannot render the status: {e}")))?;
-        println!("{s}");
+    let result = match &view.last_error {
+        Some(e) => format!("failed: {e}"),
+        None if state.last_attempt_at.is_some() => "ok".to_string(),
+        None => "-".to_string(),
+    };
+    let expiry = match state.token_expires_at {
+        None => "expiry unknown".to_string(),
+        Some(t) => match t.duration_since(now) {
+            Ok(left) => format!("expires {} (in {})", rfc3339(t), short(left)),
+            Err(_) => format!("EXPIRED at {}", rfc3339(t)),
+        },
+    };
+    let limit = short(Duration::from_secs(view.healthy_if_success_within_seconds));
+    let health = if view.healthy {
+        format!("ok (last success within 3 × interval = {limit})")
     } else {
-        let ago = |t: Option<SystemTime>| match t {
-            None => "never".to_string(),
-            Some(t) => format!(
-                "{} ({} ago)",
-                rfc3339(t),
-                short(now.duration_since(t).unwrap_or_default())
-            ),
-        };
-        let mut s = String::new();
-        s.push_str(&format!("node:                 {}\n", view.node_id));
-        s.push_str(&format!("api:                  {}\n", view.api_url));
-        let result = match &view.last_error {
-            Some(e) => format!("failed: {e}"),
-            None if state.last_attempt_at.is_some() => "ok".to_string(),
-            None => "-".to_string(),
-        };
-        s.push_str(&format!(
-            "last attempt:         {}: {result}\n",
-            ago(state.last_attempt_at)
-        ));
-        s.push_str(&format!(
-            "last success:         {}\n",
-            ago(state.last_success_at)
-        ));
-        s.push_str(&format!(
-            "consecutive failures: {}\n",
-            view.consecutive_failures
-        ));
-        let expiry = match state.token_expires_at {
-            None => "expiry unknown".to_string(),
-            Some(t) => match t.duration_since(now) {
-                Ok(left) => format!("expires {} (in {})", rfc3339(t), short(left)),
-                Err(_) => format!("EXPIRED at {}", rfc3339(t)),
-            },
-        };
-        s.push_str(&format!(
-            "token:                {}, {expiry}\n",
-            view.token_type
-        ));
-        s.push_str(&format!(
-            "health:               {}\n",
-            if healthy {
-                format!("ok (last success within 3 × interval = {})", short(limit))
-            } else {
-                format!(
-                    "UNHEALTHY (no success within 3 × interval = {})",
-                    short(limit)
-                )
-            }
-        ));
-        print!("{s}");
-    }
-    if healthy {
-        Ok(())
-    } else {
-        // The view says UNHEALTHY (or `"healthy": false`); the exit code is for scripts.
-        Err(Failure::quiet())
-    }
+        format!("UNHEALTHY (no success within 3 × interval = {limit})")
+    };
+    format!(
+        "node:                 {}\napi:                  {}\nlast attempt:         {}: {result}\n\
+         last success:         {}\nconsecutive failures: {}\ntoken:                {}, {expiry}\n\
+         health:               {health}\n",
+        view.node_id,
+        view.api_url,
+        ago(state.last_attempt_at),
+        ago(state.last_success_at),
+        view.consecutive_failures,
+        view.token_type,
+    )
 }
 
 fn short(d: Duration) -> String {

@@ -98,22 +98,29 @@ pub fn describe(der: &[u8]) -> (String, Option<SystemTime>) {
     }
 }
 
-pub(super) async fn tls(cfg: &Config, host: &str, addr: SocketAddr, out: &mut Vec<Check>) -> bool {
+/// A client config with the agent's trust and a verifier that records the certificate.
+fn client_config(cfg: &Config) -> Result<(rustls::ClientConfig, Arc<Recording>), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let setup = roots(cfg).and_then(|roots| {
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(cfg)?), provider.clone())
             .build()
             .map_err(|e| e.to_string())?;
-        let recording = Arc::new(Recording {
-            inner,
-            seen: Mutex::new(None),
-        });
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(recording.clone())
-            .with_no_client_auth();
+    let recording = Arc::new(Recording {
+        inner,
+        seen: Mutex::new(None),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(recording.clone())
+        .with_no_client_auth();
+    Ok((config, recording))
+}
+
+/// The TLS phase; false when the later phases should be skipped.
+pub(super) async fn tls(cfg: &Config, host: &str, addr: SocketAddr, out: &mut Vec<Check>) -> bool {
+    let setup = client_config(cfg).and_then(|(config, recording)| {
         let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
         Ok((config, recording, name))
     });
@@ -139,54 +146,59 @@ pub(super) async fn tls(cfg: &Config, host: &str, addr: SocketAddr, out: &mut Ve
     let (cert, not_after) = seen
         .as_deref()
         .map_or_else(|| ("no certificate received".to_string(), None), describe);
+    let check = match result {
+        Ok(Ok(_)) => trusted(cfg, &cert, not_after),
+        Ok(Err(e)) => refused(host, &e, &cert),
+        Err(_) => Check::fail(
+            "tls",
+            format!(
+                "no TLS handshake with {host} within {}s",
+                cfg.api.connect_timeout.as_secs_f64()
+            ),
+            "something accepts the connection but does not speak TLS: check the port in api.url",
+        ),
+    };
+    let passed = check.status != super::Status::Fail;
+    out.push(check);
+    passed
+}
+
+fn trusted(cfg: &Config, cert: &str, not_after: Option<SystemTime>) -> Check {
     let trust = if cfg.api.ca_file.is_some() {
         "the system store and api.ca_file"
     } else {
         "the system store"
     };
-    match result {
-        Ok(Ok(_)) => {
-            let left = not_after.and_then(|t| t.duration_since(SystemTime::now()).ok());
-            let until = not_after.map_or_else(String::new, |t| {
-                format!(", valid until {}", crate::state::rfc3339(t))
-            });
-            match left {
-                Some(l) if l < CERT_WARN => out.push(Check::warn(
-                    "tls",
-                    format!("trusted ({trust}): {cert}{until}: expires in {} days", l.as_secs() / 86_400),
-                    "the API's certificate is about to expire; tell exalsius (or your proxy's owner)",
-                )),
-                _ => out.push(Check::ok("tls", format!("trusted ({trust}): {cert}{until}"))),
-            }
-            true
-        }
-        Ok(Err(e)) => {
-            let hint = if e.contains("UnknownIssuer") || e.contains("unknown issuer") {
-                "the certificate is not signed by a CA this machine trusts: if a TLS-inspecting proxy or a private CA signs it, name that CA in api.ca_file"
-            } else if e.contains("Expired") || e.contains("NotValidYet") {
-                "check this machine's clock (timedatectl); if it is right, the server's certificate is out of date"
-            } else if e.contains("NotValidForName") {
-                "the certificate is for another name: check the host in api.url"
-            } else {
-                "check api.url (is it an HTTPS endpoint?) and any proxy or firewall in the way"
-            };
-            out.push(Check::fail(
-                "tls",
-                format!("handshake with {host} failed: {e}; {cert}"),
-                hint,
-            ));
-            false
-        }
-        Err(_) => {
-            out.push(Check::fail(
-                "tls",
-                format!(
-                    "no TLS handshake with {host} within {}s",
-                    cfg.api.connect_timeout.as_secs_f64()
-                ),
-                "something accepts the connection but does not speak TLS: check the port in api.url",
-            ));
-            false
-        }
+    let left = not_after.and_then(|t| t.duration_since(SystemTime::now()).ok());
+    let until = not_after.map_or_else(String::new, |t| {
+        format!(", valid until {}", crate::state::rfc3339(t))
+    });
+    match left {
+        Some(l) if l < CERT_WARN => Check::warn(
+            "tls",
+            format!(
+                "trusted ({trust}): {cert}{until}: expires in {} days",
+                l.as_secs() / 86_400
+            ),
+            "the API's certificate is about to expire; tell exalsius (or your proxy's owner)",
+        ),
+        _ => Check::ok("tls", format!("trusted ({trust}): {cert}{until}")),
     }
+}
+
+fn refused(host: &str, e: &str, cert: &str) -> Check {
+    let hint = if e.contains("UnknownIssuer") || e.contains("unknown issuer") {
+        "the certificate is not signed by a CA this machine trusts: if a TLS-inspecting proxy or a private CA signs it, name that CA in api.ca_file"
+    } else if e.contains("Expired") || e.contains("NotValidYet") {
+        "check this machine's clock (timedatectl); if it is right, the server's certificate is out of date"
+    } else if e.contains("NotValidForName") {
+        "the certificate is for another name: check the host in api.url"
+    } else {
+        "check api.url (is it an HTTPS endpoint?) and any proxy or firewall in the way"
+    };
+    Check::fail(
+        "tls",
+        format!("handshake with {host} failed: {e}; {cert}"),
+        hint,
+    )
 }

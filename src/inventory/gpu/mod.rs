@@ -162,74 +162,12 @@ impl GpuProbe {
             return report;
         }
         if matches!(self.mode, GpuMode::Auto | GpuMode::Nvml) {
-            match self.nvml.query(NVML_TIMEOUT) {
-                NvmlOutcome::Data(data) => {
-                    report.nvidia_version = data.version_text();
-                    report.gpus = data.gpus.clone();
-                    self.log_mig(&report.gpus);
-                    if let Ok(mut last) = self.last_nvml.lock() {
-                        *last = Some(data);
-                    }
-                    if let Ok(mut e) = self.last_error.lock() {
-                        *e = None;
-                    }
-                }
-                NvmlOutcome::NoLibrary(why) => {
-                    if self.nvml.first_missing() {
-                        tracing::info!(
-                            "NVML is not available ({why}); no NVIDIA driver on this host?"
-                        );
-                    }
-                    report.notes.push(format!("NVML: {why}"));
-                }
-                // Any NVML failure — an error, a timeout, a query still stuck — keeps the last
-                // good answer: a flapping driver must not make the node report 0 GPUs.
-                outcome => {
-                    let what = match outcome {
-                        NvmlOutcome::TimedOut => {
-                            format!("NVML did not answer within {NVML_TIMEOUT:?}")
-                        }
-                        NvmlOutcome::Busy => "an earlier NVML query is still stuck".to_string(),
-                        NvmlOutcome::Failed(why) => why,
-                        NvmlOutcome::Data(_) | NvmlOutcome::NoLibrary(_) => String::new(),
-                    };
-                    self.nvml_failed(&what, &mut report);
-                }
-            }
+            self.add_nvml(&mut report);
         }
         // auto: the PCI scan adds what NVML did not cover: other vendors always, NVIDIA only
         // when NVML gave no answer at all (no driver, or failing since start).
         if matches!(self.mode, GpuMode::Auto | GpuMode::Pci) {
-            let (pci_gpus, notes) = pci::scan(&self.root);
-            report.notes.extend(notes);
-            let nvml_answered =
-                report.gpus.iter().any(|g| g.source == "nvml") || report.nvidia_version.is_some();
-            let mut nvml_without_bus_id = report
-                .gpus
-                .iter()
-                .filter(|g| g.source == "nvml" && g.bus_id.is_empty())
-                .count();
-            let mut unusable = Vec::new();
-            for g in pci_gpus {
-                if report
-                    .gpus
-                    .iter()
-                    .any(|n| !n.bus_id.is_empty() && n.bus_id == g.bus_id)
-                {
-                    continue;
-                }
-                if self.mode == GpuMode::Auto && nvml_answered && g.vendor == Vendor::Nvidia {
-                    // Counted by NVML without a bus id, or on the bus but unusable: never twice.
-                    if nvml_without_bus_id > 0 {
-                        nvml_without_bus_id -= 1;
-                    } else {
-                        unusable.push(g.bus_id);
-                    }
-                    continue;
-                }
-                report.gpus.push(g);
-            }
-            self.report_unusable(&unusable, &mut report.notes);
+            self.add_pci(&mut report);
         }
         for (i, g) in report.gpus.iter_mut().enumerate() {
             g.index = u32::try_from(i).unwrap_or(u32::MAX);
@@ -245,6 +183,77 @@ impl GpuProbe {
             );
         }
         report
+    }
+
+    /// NVML's GPUs, or (when it fails) its last good answer.
+    fn add_nvml(&self, report: &mut GpuReport) {
+        match self.nvml.query(NVML_TIMEOUT) {
+            NvmlOutcome::Data(data) => {
+                report.nvidia_version = data.version_text();
+                report.gpus = data.gpus.clone();
+                self.log_mig(&report.gpus);
+                if let Ok(mut last) = self.last_nvml.lock() {
+                    *last = Some(data);
+                }
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = None;
+                }
+            }
+            NvmlOutcome::NoLibrary(why) => {
+                if self.nvml.first_missing() {
+                    tracing::info!("NVML is not available ({why}); no NVIDIA driver on this host?");
+                }
+                report.notes.push(format!("NVML: {why}"));
+            }
+            // Any NVML failure — an error, a timeout, a query still stuck — keeps the last
+            // good answer: a flapping driver must not make the node report 0 GPUs.
+            outcome => {
+                let what = match outcome {
+                    NvmlOutcome::TimedOut => {
+                        format!("NVML did not answer within {NVML_TIMEOUT:?}")
+                    }
+                    NvmlOutcome::Busy => "an earlier NVML query is still stuck".to_string(),
+                    NvmlOutcome::Failed(why) => why,
+                    NvmlOutcome::Data(_) | NvmlOutcome::NoLibrary(_) => String::new(),
+                };
+                self.nvml_failed(&what, report);
+            }
+        }
+    }
+
+    /// The PCI scan's GPUs that NVML did not report: never an NVIDIA GPU twice, and one on the
+    /// bus that a working NVML does not report is logged, not counted.
+    fn add_pci(&self, report: &mut GpuReport) {
+        let (pci_gpus, notes) = pci::scan(&self.root);
+        report.notes.extend(notes);
+        let nvml_answered =
+            report.gpus.iter().any(|g| g.source == "nvml") || report.nvidia_version.is_some();
+        let mut nvml_without_bus_id = report
+            .gpus
+            .iter()
+            .filter(|g| g.source == "nvml" && g.bus_id.is_empty())
+            .count();
+        let mut unusable = Vec::new();
+        for g in pci_gpus {
+            if report
+                .gpus
+                .iter()
+                .any(|n| !n.bus_id.is_empty() && n.bus_id == g.bus_id)
+            {
+                continue;
+            }
+            if self.mode == GpuMode::Auto && nvml_answered && g.vendor == Vendor::Nvidia {
+                // Counted by NVML without a bus id, or on the bus but unusable: never twice.
+                if nvml_without_bus_id > 0 {
+                    nvml_without_bus_id -= 1;
+                } else {
+                    unusable.push(g.bus_id);
+                }
+                continue;
+            }
+            report.gpus.push(g);
+        }
+        self.report_unusable(&unusable, &mut report.notes);
     }
 
     /// An NVML failure: the last good NVML answer if there is one (else the PCI scan stands
