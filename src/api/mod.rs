@@ -3,6 +3,7 @@
 pub mod client;
 pub mod problem;
 pub mod resolve;
+mod transport;
 pub mod types;
 
 pub use client::{ApiClient, ClientError, Failure, FailureKind, Outcome, Probe, Success};

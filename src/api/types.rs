@@ -131,6 +131,7 @@ pub struct Answer {
 impl TokenResponse {
     /// Interprets the body. `Err` only when the new token itself is unusable (then nothing
     /// about the stored token may change); an unusable optional field becomes a note.
+    // Long: every field of the lenient reading, each with its own rule and note.
     pub fn interpret(self) -> Result<Answer, String> {
         let mut notes = Vec::new();
         let token = match self.next_access_token {

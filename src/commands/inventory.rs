@@ -93,6 +93,33 @@ pub fn render_inventory(inv: &Inventory) -> String {
             disk.model.as_deref().unwrap_or("")
         ));
     }
+    s.push_str(&render_gpus(d));
+    for note in &d.gpu_notes {
+        s.push_str(&format!("  note: {note}\n"));
+    }
+    let sw = &inv.specs.software;
+    s.push_str("\nSOFTWARE\n");
+    for (name, v) in [
+        ("docker", &sw.docker),
+        ("nvidia", &sw.nvidia),
+        ("amd", &sw.amd),
+    ] {
+        let first = v.lines().next().unwrap_or("");
+        s.push_str(&format!(
+            "  {name:<8} {}\n",
+            if first.is_empty() { "-" } else { first }
+        ));
+    }
+    s.push_str(&format!(
+        "\nSENT TO THE API\n  cpu_cores {}  memory_gb {}  storage_gb {}  gpu_count {}  gpu_vendor {}  gpu_type {}  gpu_memory {}\n",
+        h.cpu_cores, h.memory_gb, h.storage_gb, h.gpu_count, h.gpu_vendor, h.gpu_type, h.gpu_memory
+    ));
+    s
+}
+
+/// The GPU table: one row per GPU.
+fn render_gpus(d: &crate::inventory::Details) -> String {
+    let mut s = String::new();
     s.push_str("\nGPU\n");
     if d.gpus.is_empty() {
         s.push_str("  none found\n");
@@ -117,25 +144,5 @@ pub fn render_inventory(inv: &Inventory) -> String {
             ));
         }
     }
-    for note in &d.gpu_notes {
-        s.push_str(&format!("  note: {note}\n"));
-    }
-    let sw = &inv.specs.software;
-    s.push_str("\nSOFTWARE\n");
-    for (name, v) in [
-        ("docker", &sw.docker),
-        ("nvidia", &sw.nvidia),
-        ("amd", &sw.amd),
-    ] {
-        let first = v.lines().next().unwrap_or("");
-        s.push_str(&format!(
-            "  {name:<8} {}\n",
-            if first.is_empty() { "-" } else { first }
-        ));
-    }
-    s.push_str(&format!(
-        "\nSENT TO THE API\n  cpu_cores {}  memory_gb {}  storage_gb {}  gpu_count {}  gpu_vendor {}  gpu_type {}  gpu_memory {}\n",
-        h.cpu_cores, h.memory_gb, h.storage_gb, h.gpu_count, h.gpu_vendor, h.gpu_type, h.gpu_memory
-    ));
     s
 }

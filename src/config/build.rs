@@ -59,6 +59,8 @@ impl Layers<'_> {
     }
 }
 
+// Long: the sections in order and the cross-section warnings; each section is its own
+// function below.
 pub(super) fn build(
     file: FileConfig,
     source: Option<PathBuf>,

@@ -293,6 +293,8 @@ impl Agent {
         }
     }
 
+    // Long: one `select!` over every event source (signals, watchdog, inventory, heartbeat);
+    // the arms share the loop's timers, so splitting them apart would scatter its state.
     async fn run_loop(&mut self, control: &mut Control) -> Result<(), RunError> {
         let shutdown = control.shutdown.clone();
         let mut next_beat = Instant::now();

@@ -95,6 +95,7 @@ impl Agent {
             .next(v, self.creds.state().token_expires_at, now)
     }
 
+    // Long: one arm per kind of failure, each with its own log line naming what to do.
     pub(super) fn on_failure(&mut self, failure: Failure, now: SystemTime, had_body: bool) -> Next {
         let state = self.creds.state_mut();
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);

@@ -5,6 +5,8 @@ use super::*;
 impl Agent {
     /// SIGHUP: applies every setting it can — logging, GPU discovery (a new collector), the
     /// API client, the schedule, the credentials; the state directory needs a restart.
+    // Long: every setting a reload can apply, in the order they must be applied (all checks
+    // first, so an invalid configuration changes nothing).
     pub(super) fn reload(
         &mut self,
         reloader: Option<&Reloader>,

@@ -79,6 +79,7 @@ impl HostCollector {
 }
 
 impl Collector for HostCollector {
+    // Long: assembles every source into the API's shape in one place.
     fn collect(&self) -> Inventory {
         // Version commands run beside GPU discovery: the total is the slower of the two.
         let (gpu_report, versions) = std::thread::scope(|scope| {

@@ -88,6 +88,8 @@ pub fn heartbeat_checks(cfg: &Config) -> Vec<Check> {
 }
 
 /// The last-heartbeat and token lines for a state, pure.
+/// (Long: two checks with their wording side by side; splitting them would separate the
+/// health limit from the message that quotes it.)
 pub fn heartbeat_lines(s: &State, interval: Duration, now: SystemTime) -> Vec<Check> {
     let limit = interval.saturating_mul(3);
     let limit_text = humantime::format_duration(limit);

@@ -165,6 +165,7 @@ pub fn normalize_bus_id(id: &str) -> String {
 }
 
 /// GPUs on the PCI bus under `root`, with names from the first `pci.ids` found there.
+// Long: naming and memory rules per device are read best side by side.
 pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
     let found = find(root);
     let mut notes = Vec::new();
