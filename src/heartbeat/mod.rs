@@ -12,8 +12,10 @@ mod outcome;
 mod refresh;
 mod reload;
 pub mod schedule;
+pub mod sender;
 
 pub use credentials::{AfterRejection, Credentials, Sending};
+pub use sender::{SendFuture, Sender, Stdout};
 pub use schedule::{
     Backoff, MIN_TOKEN_REFRESH_WAIT, Schedule, Verdict, equal_jitter, jittered, secs,
 };
@@ -27,7 +29,6 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::state::{LockError, State, StateLock, StateStore, rfc3339};
 use crate::systemd;
-use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -110,7 +111,7 @@ pub type CollectorFactory = Box<dyn Fn(&Config) -> Arc<dyn Collector> + Send>;
 pub struct Agent {
     cfg: Config,
     mode: Mode,
-    client: ApiClient,
+    sender: Box<dyn Sender>,
     store: StateStore,
     /// Held for the agent's lifetime: one writer per state directory (`None` in dry-run).
     _lock: Option<StateLock>,
@@ -131,7 +132,12 @@ pub struct Agent {
 /// Takes the state directory's lock, loads the state, chooses credentials and builds the
 /// client: everything that can fail before the loop starts.
 pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result<Agent, RunError> {
+    // Built in every mode: a bad api.ca_file is refused by --dry-run too.
     let client = ApiClient::new(&cfg.api)?;
+    let sender: Box<dyn Sender> = match mode {
+        Mode::DryRun => Box::new(Stdout),
+        Mode::Daemon | Mode::Once => Box::new(client),
+    };
     let store = StateStore::new(&cfg.state.dir);
     let (lock, creds) = if mode == Mode::DryRun {
         // No network, no state: the body is all that matters.
@@ -169,7 +175,7 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         schedule: Schedule::new(&cfg.heartbeat),
         cfg,
         mode,
-        client,
+        sender,
         store,
         _lock: lock,
         creds,
@@ -233,6 +239,19 @@ impl Agent {
     /// the jitter prevents).
     pub fn without_backoff_jitter(mut self) -> Self {
         self.schedule = self.schedule.without_backoff_jitter();
+        self
+    }
+
+    /// Starts with this inventory already collected (tests in paused time, where the first
+    /// collection on a blocking thread may lose the race against the virtual clock).
+    pub fn with_inventory(mut self, inv: Inventory) -> Self {
+        self.apply_inventory(inv, Duration::ZERO);
+        self
+    }
+
+    /// Sends through `sender` instead (tests: scripted answers in paused time).
+    pub fn with_sender(mut self, sender: Box<dyn Sender>) -> Self {
+        self.sender = sender;
         self
     }
 
@@ -367,7 +386,7 @@ impl Agent {
         }
     }
 
-    /// One request (or, in dry-run mode, one printed body). Returns whether a body was sent.
+    /// One heartbeat through the sender. Returns whether a body was sent.
     async fn attempt(&mut self) -> (Result<Success, Failure>, bool) {
         let body = match (&self.specs, self.bodyless_next) {
             (Some(specs), false) => serde_json::to_vec(&NodePatchRequest::new(
@@ -385,26 +404,10 @@ impl Agent {
             _ => Vec::new(),
         };
         let had_body = !body.is_empty();
-        if self.mode == Mode::DryRun {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&body);
-            let _ = out.write_all(b"\n");
-            let _ = out.flush();
-            let ok = Success {
-                status: 0,
-                latency: Duration::ZERO,
-                body: crate::api::Answer {
-                    node_id: self.creds.state().node_id.to_string(),
-                    issued: None,
-                    notes: Vec::new(),
-                },
-            };
-            return (Ok(ok), had_body);
-        }
         self.sent_at = Instant::now();
         let url = self.cfg.node_url(&self.creds.state().node_id);
         debug!(%url, bytes = body.len(), sending = ?self.creds.sending(), "sending heartbeat");
-        let outcome = self.client.patch_node(&url, self.creds.token(), body).await;
+        let outcome = self.sender.send(&url, self.creds.token(), body).await;
         (outcome, had_body)
     }
 }

@@ -35,9 +35,6 @@ impl Agent {
 
     /// A 2xx for another node is not a success: a misrouting proxy must not rotate our token.
     pub(super) fn check_node(&self, s: Success) -> Result<Success, Failure> {
-        if self.mode == Mode::DryRun {
-            return Ok(s);
-        }
         let ours = self.creds.state().node_id;
         match Uuid::parse_str(s.body.node_id.trim()) {
             Ok(id) if id == ours => Ok(s),

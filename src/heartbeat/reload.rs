@@ -53,7 +53,9 @@ impl Agent {
             }
         }
         self.schedule.reconfigure(&cfg.heartbeat);
-        self.client = client;
+        if self.mode != Mode::DryRun {
+            self.sender = Box::new(client);
+        }
         self.reconfigure_metrics(&cfg);
         if let Err(e) = crate::logging::reconfigure(&cfg.log.level, cfg.log.format) {
             debug!("reload: logging unchanged: {e}");

@@ -1,0 +1,49 @@
+//! Where heartbeats go: the seam between the loop and the network. The daemon and `--once`
+//! send through the API client; `--dry-run` prints each body on stdout; tests script the
+//! answers and run the loop in paused time.
+
+use crate::api::{Answer, ApiClient, Outcome, Success};
+use crate::secret::Secret;
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// One heartbeat in flight.
+pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// A destination for heartbeats.
+pub trait Sender: Send + Sync {
+    /// `PATCH url` with `token` and `body` (empty: a pure heartbeat).
+    fn send<'a>(&'a self, url: &'a str, token: &'a Secret, body: Vec<u8>) -> SendFuture<'a>;
+}
+
+impl Sender for ApiClient {
+    fn send<'a>(&'a self, url: &'a str, token: &'a Secret, body: Vec<u8>) -> SendFuture<'a> {
+        Box::pin(self.patch_node(url, token, body))
+    }
+}
+
+/// `--dry-run`: each body on one stdout line, answered as the API would answer for the node
+/// in the URL (status 0, no new token), so the loop runs exactly as it does against the API.
+#[derive(Debug, Default)]
+pub struct Stdout;
+
+impl Sender for Stdout {
+    fn send<'a>(&'a self, url: &'a str, _token: &'a Secret, body: Vec<u8>) -> SendFuture<'a> {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&body);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+        let node_id = url.rsplit('/').next().unwrap_or_default().to_string();
+        Box::pin(std::future::ready(Ok(Success {
+            status: 0,
+            latency: Duration::ZERO,
+            body: Answer {
+                node_id,
+                issued: None,
+                notes: Vec::new(),
+            },
+        })))
+    }
+}
