@@ -45,6 +45,8 @@ pub struct ApiState {
     pub accepted: Vec<String>,
     /// Every token issued, in order.
     pub issued: Vec<String>,
+    /// Position of each issued token in `issued` (a soak issues tens of thousands: no scans).
+    pub issued_at: std::collections::HashMap<String, usize>,
     pub seen: Vec<Seen>,
     pub script: VecDeque<Scripted>,
     /// `next_access_token_expires_in` of issued tokens.
@@ -145,6 +147,8 @@ impl Respond for Responder {
                 };
                 st.nodes.push(id.clone());
                 let token = format!("registered-SECRET-{n}");
+                let at = st.issued.len();
+                st.issued_at.insert(token.clone(), at);
                 st.issued.push(token.clone());
                 st.parents.push(String::new());
                 st.accepted = vec![token.clone()];
@@ -185,14 +189,17 @@ impl Respond for Responder {
                 // Rotation as a careful API does it: using a token retires every token issued
                 // before it, but not the ones issued after it (a crash between issue and
                 // persist leaves the agent with the older one, which must still work).
-                let used_at = st.issued.iter().position(|t| t == token);
-                let issued = st.issued.clone();
+                let used_at = st.issued_at.get(token).copied();
+                let index = std::mem::take(&mut st.issued_at);
                 st.accepted
-                    .retain(|t| match (used_at, issued.iter().position(|x| x == t)) {
+                    .retain(|t| match (used_at, index.get(t).copied()) {
                         (Some(u), Some(i)) => i >= u,
                         (Some(_), None) => false, // bootstrap: retired once a rotated one is used
                         (None, _) => true,
                     });
+                st.issued_at = index;
+                let at = st.issued.len();
+                st.issued_at.insert(next.clone(), at);
                 st.issued.push(next.clone());
                 st.parents.push(token.to_string());
                 st.accepted.push(next.clone());
