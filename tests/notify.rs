@@ -50,10 +50,12 @@ async fn notifies_ready_status_watchdog_reload_and_stopping() {
     // Watchdog every 100 ms (half of WATCHDOG_USEC), also while the API fails.
     api.with(|s| s.always = Some(503));
     msgs.clear();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     drain(&sock, &mut msgs);
+    // Nominally 20 in 2 s; every state write (fsync) runs on the loop's thread, so a busy disk
+    // delays some. A starved watchdog (the old nested-select bug) sends one or two.
     let pings = msgs.iter().filter(|m| m.contains("WATCHDOG=1")).count();
-    assert!(pings >= 8, "{pings} watchdog pings in 1.5 s: {msgs:#?}");
+    assert!(pings >= 8, "{pings} watchdog pings in 2 s: {msgs:#?}");
     assert!(
         msgs.iter().any(|m| m.contains("STATUS=API failing since")),
         "{msgs:#?}"
