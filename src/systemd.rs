@@ -4,12 +4,44 @@
 //! at debug and otherwise ignored: it must never stop the heartbeat.
 
 use sd_notify::NotifyState;
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::time::Duration;
 
 fn send(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let mut msg = String::new();
+    for s in states {
+        let _ = writeln!(msg, "{s}");
+    }
+    if let Err(e) = send_nonblocking(&path, msg.as_bytes()) {
         tracing::debug!("sd_notify failed: {e}");
     }
+}
+
+/// Sends one datagram without ever blocking: when the reader's queue is full (a busy or hung
+/// service manager; the kernel's default queue is 10 datagrams), the notification is dropped
+/// rather than the loop stopped — a stalled loop would stop the heartbeats, too. (The
+/// sd-notify crate's own `notify` uses a blocking send.)
+fn send_nonblocking(path: &OsStr, msg: &[u8]) -> std::io::Result<()> {
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(msg, &addr)?;
+        }
+        None => {
+            sock.send_to(msg, Path::new(path))?;
+        }
+    }
+    Ok(())
 }
 
 /// The configuration is loaded and the loop is running.

@@ -102,8 +102,10 @@ async fn run_with(
          [inventory]\ngpu = \"off\"\n[state]\ndir = \"{}\"\n{extra}",
         dir.path().display()
     );
-    let cfg = Config::from_toml(&text, Path::new("/t.toml"), &Overrides::default(), &|_| None)
-        .unwrap();
+    let cfg = Config::from_toml(&text, Path::new("/t.toml"), &Overrides::default(), &|_| {
+        None
+    })
+    .unwrap();
     let inventory = HostCollector::new(GpuMode::Off, None).collect();
     let collector: Arc<dyn Collector> = Arc::new(FixedCollector(inventory.clone()));
     let sender = Scripted {
@@ -152,7 +154,11 @@ async fn backoff_doubles_to_the_cap_then_the_normal_cadence_resumes() {
         &[1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 60],
         "backoff 1 s doubling, capped at max_backoff 300 s; then the 60 s interval"
     );
-    assert_eq!(sent[0].at, Duration::ZERO, "the first heartbeat goes out at once");
+    assert_eq!(
+        sent[0].at,
+        Duration::ZERO,
+        "the first heartbeat goes out at once"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -211,8 +217,16 @@ async fn a_rejected_stored_token_falls_back_to_the_bootstrap_once_then_alternate
     let tokens: Vec<&str> = sent.iter().map(|s| s.token.as_str()).collect();
     assert_eq!(&tokens[..6], ["boot", "t1", "boot", "t1", "boot", "t2"]);
     let g = gaps(&sent);
-    assert_eq!(g[1], Duration::ZERO, "one immediate try with the configured token");
-    assert_eq!(g[2], 300 * S, "then the slow schedule (max_backoff, jitter 0)");
+    assert_eq!(
+        g[1],
+        Duration::ZERO,
+        "one immediate try with the configured token"
+    );
+    assert_eq!(
+        g[2],
+        300 * S,
+        "then the slow schedule (max_backoff, jitter 0)"
+    );
     assert_eq!(g[3], 300 * S);
     assert_eq!(g[4], 60 * S, "accepted again: the normal cadence");
 }

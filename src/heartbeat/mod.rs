@@ -15,10 +15,10 @@ pub mod schedule;
 pub mod sender;
 
 pub use credentials::{AfterRejection, Credentials, Sending};
-pub use sender::{SendFuture, Sender, Stdout};
 pub use schedule::{
     Backoff, MIN_TOKEN_REFRESH_WAIT, Schedule, Verdict, equal_jitter, jittered, secs,
 };
+pub use sender::{SendFuture, Sender, Stdout};
 
 use crate::api::{
     ApiClient, ClientError, Failure, FailureKind, NodePatchRequest, NodeSpecs, Success,
