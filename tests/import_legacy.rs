@@ -30,14 +30,6 @@ fn url_only_config(agent: &Agent, url: &str) {
     ));
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_heartbeat_after_an_import_carries_the_legacy_token() {
     let api = StandIn::start().await;

@@ -33,14 +33,6 @@ fn register_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_then_run_heartbeats_with_the_registered_node() {
     let api = StandIn::start().await;

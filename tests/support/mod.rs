@@ -342,6 +342,15 @@ pub fn clean_command_for(bin: &Path) -> Command {
     c
 }
 
+/// A finished command's stdout and stderr, as one text (for assertions and their messages).
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// A config pointing at `url` with fast test timings; `extra` is appended (TOML).
 pub fn config_text(url: &str, extra: &str) -> String {
     format!(
