@@ -463,33 +463,6 @@ async fn sighup_reloads_the_interval_and_keeps_the_old_config_when_the_new_one_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_token_lifetime_pulls_the_next_heartbeat_forward_without_spinning() {
-    let api = StandIn::start().await;
-    api.with(|s| s.expires_in = Some(4));
-    let mut agent = Agent::new();
-    agent.write_config(
-        &config_text(&api.url(), "").replace("interval = \"100ms\"", "interval = \"60s\""),
-    );
-    agent.spawn(&[]);
-    let seen = api.wait_requests(2, 10 * SECOND).await;
-    let gap = seen[1].at - seen[0].at;
-    // Half of 4 s, not the 60 s interval.
-    assert!(
-        gap >= Duration::from_millis(1900) && gap < Duration::from_secs(4),
-        "{gap:?}"
-    );
-    api.with(|s| s.expires_in = Some(0));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let n = api.count();
-    agent.stop();
-    // 2.5 s with lifetimes of 0 s: at most one request per MIN_TOKEN_REFRESH_WAIT (1 s).
-    assert!(
-        n <= 5,
-        "a 0-second lifetime must not cause a storm: {n} requests"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_appears_in_any_output_at_trace_level() {
     let api = StandIn::start().await;
     api.script([Scripted::Status(401)]);

@@ -95,6 +95,17 @@ async fn run_with(
     window: Duration,
     tune: impl FnOnce(Agent) -> Agent,
 ) -> Vec<Sent> {
+    run_mode(Mode::Daemon, script, extra, window, tune).await.0
+}
+
+/// Like `run_with` in any mode; also returns how the loop ended.
+async fn run_mode(
+    mode: Mode,
+    script: Vec<Outcome>,
+    extra: &str,
+    window: Duration,
+    tune: impl FnOnce(Agent) -> Agent,
+) -> (Vec<Sent>, Result<(), heartbeat::RunError>) {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[api]\nurl = \"http://127.0.0.1:9/v1\"\nnode_id = \"{NODE}\"\naccess_token = \"boot\"\n\
@@ -113,7 +124,7 @@ async fn run_with(
         script: Arc::new(Mutex::new(script.into())),
         sent: Arc::new(Mutex::new(Vec::new())),
     };
-    let agent = heartbeat::prepare(cfg, Mode::Daemon, collector)
+    let agent = heartbeat::prepare(cfg, mode, collector)
         .unwrap()
         .with_inventory(inventory)
         .with_sender(Box::new(sender.clone()));
@@ -124,16 +135,15 @@ async fn run_with(
         tokio::time::sleep(window).await;
         stop.cancel();
     });
-    agent
+    let result = agent
         .run(Control {
             shutdown,
             reload: None,
             reloader: None,
             collectors: None,
         })
-        .await
-        .unwrap();
-    sender.sent.lock().unwrap().clone()
+        .await;
+    (sender.sent.lock().unwrap().clone(), result)
 }
 
 fn gaps(sent: &[Sent]) -> Vec<Duration> {
@@ -271,4 +281,48 @@ async fn the_start_splay_spreads_the_second_heartbeat_over_one_interval() {
     distinct.sort_unstable();
     distinct.dedup();
     assert!(distinct.len() > 6, "spread, not bunched: {gaps_ms:?}");
+}
+
+/// `--once` is the same loop with a stop condition: done after a success; after a failure
+/// that retrying soon will not change; or after three attempts, backing off between them.
+#[tokio::test(start_paused = true)]
+async fn once_stops_after_success_a_final_failure_or_three_attempts() {
+    let (sent, result) = run_mode(Mode::Once, vec![ok("t1", None)], "", 600 * S, |a| a).await;
+    assert!(result.is_ok());
+    assert_eq!(sent.len(), 1);
+
+    let three = vec![
+        failed(FailureKind::Retryable, 503, None),
+        failed(FailureKind::Retryable, 503, None),
+        failed(FailureKind::Retryable, 503, None),
+        ok("t1", None),
+    ];
+    let (sent, result) = run_mode(
+        Mode::Once,
+        three,
+        "",
+        600 * S,
+        Agent::without_backoff_jitter,
+    )
+    .await;
+    let e = result.unwrap_err().to_string();
+    assert!(e.contains("HTTP 503"), "{e}");
+    assert_eq!(sent.len(), 3, "gives up after 3 attempts");
+    assert_eq!(gaps(&sent), [S, 2 * S], "with backoff between them");
+
+    let (sent, result) = run_mode(
+        Mode::Once,
+        vec![failed(FailureKind::NotFound, 404, None)],
+        "",
+        600 * S,
+        |a| a,
+    )
+    .await;
+    assert!(result.is_err());
+    assert_eq!(sent.len(), 1, "a 404 is not retried by --once");
+
+    // Interrupted before it is done: a failure, not a success.
+    let stuck = vec![failed(FailureKind::Retryable, 503, Some(500))];
+    let (_, result) = run_mode(Mode::Once, stuck, "", 10 * S, |a| a).await;
+    assert!(result.unwrap_err().to_string().contains("interrupted"));
 }

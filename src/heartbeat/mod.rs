@@ -261,7 +261,8 @@ impl Agent {
         self
     }
 
-    /// Runs until shutdown (daemon, dry run) or one heartbeat is done (`--once`).
+    /// Runs until shutdown (daemon, dry run) or one heartbeat is done (`--once`: the same loop
+    /// with a stop condition, [`Agent::once_done`]).
     pub async fn run(mut self, mut control: Control) -> Result<(), RunError> {
         let shutdown = control.shutdown.clone();
         // First inventory before the first heartbeat.
@@ -269,47 +270,48 @@ impl Agent {
             biased;
             _ = shutdown.cancelled() => {
                 // Stopped while the first collection was still running (a hung probe).
-                systemd::stopping();
-                info!("stopped");
-                return Ok(());
+                return self.finish(self.interrupted());
             }
             () = self.refresh_inventory_now() => {}
         }
-        if self.mode == Mode::Once {
-            return self.run_once(&shutdown).await;
+        if self.mode != Mode::Once {
+            systemd::ready();
         }
-        systemd::ready();
         let result = self.run_loop(&mut control).await;
-        systemd::stopping();
-        info!("stopped");
+        self.finish(result)
+    }
+
+    fn finish(&self, result: Result<(), RunError>) -> Result<(), RunError> {
+        if self.mode != Mode::Once {
+            systemd::stopping();
+            info!("stopped");
+        }
         result
     }
 
-    async fn run_once(&mut self, shutdown: &CancellationToken) -> Result<(), RunError> {
-        let mut attempts = 0;
-        loop {
-            let outcome = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Err(RunError::OnceFailed("interrupted".into())),
-                o = self.attempt() => o,
-            };
-            let next = self.handle(outcome.0, outcome.1);
-            let Some(failure) = next.failure else {
-                return Ok(());
-            };
-            if next.immediate && failure.kind == FailureKind::Unauthorized {
-                continue;
-            }
-            attempts += 1;
-            if failure.kind != FailureKind::Retryable || attempts >= ONCE_ATTEMPTS {
-                return Err(RunError::OnceFailed(failure.message));
-            }
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Err(RunError::OnceFailed("interrupted".into())),
-                () = tokio::time::sleep(next.wait) => {}
-            }
+    /// What a shutdown means: the end of the daemon, or an unfinished `--once`.
+    fn interrupted(&self) -> Result<(), RunError> {
+        interrupted(self.mode)
+    }
+
+    /// `--once`: done after a success, a failure that retrying soon will not change, or
+    /// [`ONCE_ATTEMPTS`] attempts (the immediate retry with the configured token after a 401
+    /// does not count). `None`: go on (and always in the other modes).
+    fn once_done(&self, next: &Next, attempts: &mut u32) -> Option<Result<(), RunError>> {
+        if self.mode != Mode::Once {
+            return None;
         }
+        let Some(failure) = &next.failure else {
+            return Some(Ok(()));
+        };
+        if next.immediate && failure.kind == FailureKind::Unauthorized {
+            return None;
+        }
+        *attempts += 1;
+        if failure.kind != FailureKind::Retryable || *attempts >= ONCE_ATTEMPTS {
+            return Some(Err(RunError::OnceFailed(failure.message.clone())));
+        }
+        None
     }
 
     // Long: one `select!` over every event source (signals, watchdog, inventory, heartbeat);
@@ -322,11 +324,13 @@ impl Agent {
         let mut next_watchdog = Instant::now();
         let mut refresh: Option<tokio::task::JoinHandle<(Inventory, Duration)>> = None;
         let mut refresh_deadline = Instant::now();
+        let mut once_attempts = 0;
+        let mode = self.mode;
         loop {
             let far = Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return self.interrupted(),
                 Some(()) = recv_reload(&mut control.reload) => {
                     self.reload(control.reloader.as_ref(), control.collectors.as_ref());
                     // Pick up the new interval now, and retry soon after a fix.
@@ -369,7 +373,7 @@ impl Agent {
                         loop {
                             tokio::select! {
                                 biased;
-                                _ = shutdown.cancelled() => return Ok(()),
+                                _ = shutdown.cancelled() => return interrupted(mode),
                                 o = &mut attempt => break o,
                                 // A slow request must not starve the watchdog.
                                 () = tokio::time::sleep_until(next_watchdog.min(far)), if watchdog_period.is_some() => {
@@ -380,6 +384,9 @@ impl Agent {
                         }
                     };
                     let next = self.handle(outcome.0, outcome.1);
+                    if let Some(result) = self.once_done(&next, &mut once_attempts) {
+                        return result;
+                    }
                     next_beat = Instant::now() + next.wait;
                 }
             }
@@ -411,6 +418,14 @@ impl Agent {
         (outcome, had_body)
     }
 }
+/// What a shutdown means in `mode`: the end of the daemon, or an unfinished `--once`.
+fn interrupted(mode: Mode) -> Result<(), RunError> {
+    match mode {
+        Mode::Once => Err(RunError::OnceFailed("interrupted".into())),
+        Mode::Daemon | Mode::DryRun => Ok(()),
+    }
+}
+
 async fn join_refresh<T>(
     handle: &mut Option<tokio::task::JoinHandle<T>>,
 ) -> Result<T, tokio::task::JoinError> {

@@ -87,10 +87,10 @@ pub fn describe(der: &[u8]) -> (String, Option<SystemTime>) {
     use x509_cert::der::Decode;
     match x509_cert::Certificate::from_der(der) {
         Ok(c) => {
-            let tbs = &c.tbs_certificate;
-            let not_after = SystemTime::UNIX_EPOCH + tbs.validity.not_after.to_unix_duration();
+            let tbs = c.tbs_certificate();
+            let not_after = SystemTime::UNIX_EPOCH + tbs.validity().not_after.to_unix_duration();
             (
-                format!("subject {}, issuer {}", tbs.subject, tbs.issuer),
+                format!("subject {}, issuer {}", tbs.subject(), tbs.issuer()),
                 Some(not_after),
             )
         }
