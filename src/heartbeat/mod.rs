@@ -270,7 +270,7 @@ impl Agent {
             biased;
             _ = shutdown.cancelled() => {
                 // Stopped while the first collection was still running (a hung probe).
-                return self.finish(self.interrupted());
+                return self.finish(interrupted(self.mode));
             }
             () = self.refresh_inventory_now() => {}
         }
@@ -287,11 +287,6 @@ impl Agent {
             info!("stopped");
         }
         result
-    }
-
-    /// What a shutdown means: the end of the daemon, or an unfinished `--once`.
-    fn interrupted(&self) -> Result<(), RunError> {
-        interrupted(self.mode)
     }
 
     /// `--once`: done after a success, a failure that retrying soon will not change, or
@@ -330,7 +325,7 @@ impl Agent {
             let far = Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return self.interrupted(),
+                _ = shutdown.cancelled() => return interrupted(mode),
                 Some(()) = recv_reload(&mut control.reload) => {
                     self.reload(control.reloader.as_ref(), control.collectors.as_ref());
                     // Pick up the new interval now, and retry soon after a fix.
