@@ -344,8 +344,8 @@ async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
     let (status, took) = agent.stop();
     assert!(status.success());
     assert!(
-        took < Duration::from_secs(1),
-        "shutdown waited for the stuck NVML: {took:?}"
+        took < slack(Duration::from_secs(2)),
+        "shutdown waited for the stuck NVML (60 s): {took:?}"
     );
 }
 

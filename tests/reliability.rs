@@ -34,8 +34,19 @@ async fn sigkill_at_random_moments_never_loses_the_token() {
         let stored = std::fs::read_to_string(agent.state_file()).ok();
         let before = api.count();
         agent.spawn_env(&[], &[NO_TOOLS]);
-        // Kill anywhere from before the first request to a dozen rotations in.
-        tokio::time::sleep(Duration::from_micros(fastrand::u64(2_000..80_000))).await;
+        // Kill anywhere from before the first request to a dozen rotations in. The moment is
+        // taken from the run's first request (not from the spawn), so a loaded machine that
+        // is slow to start the process still kills mid-rotation; one run in four is killed
+        // early, possibly before any request.
+        if fastrand::u8(0..4) > 0 {
+            let deadline = std::time::Instant::now() + slack(10 * SECOND);
+            while api.count() == before && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            tokio::time::sleep(Duration::from_micros(fastrand::u64(0..40_000))).await;
+        } else {
+            tokio::time::sleep(Duration::from_micros(fastrand::u64(0..20_000))).await;
+        }
         agent.signal("KILL");
         agent.wait_exit(5 * SECOND);
 
@@ -91,7 +102,7 @@ async fn sigkill_at_random_moments_never_loses_the_token() {
         );
     }
     assert!(
-        runs_with_requests > KILLS / 4,
+        runs_with_requests > KILLS / 2,
         "only {runs_with_requests} runs got a request out"
     );
     eprintln!("{KILLS} kills: state held the latest token {latest}×, the one before {one_before}×");
@@ -381,14 +392,16 @@ async fn long_outage_follows_the_backoff_schedule_and_recovers_quietly() {
             "retry {i} after {g:?} < half of {nominal:?}"
         );
         assert!(
-            *g <= Duration::from_millis(200 + 60),
+            *g <= Duration::from_millis(200) + slack(Duration::from_millis(300)),
             "retry {i} after {g:?} > cap"
         );
     }
     // Nominal 20+40+80+160 ms, then 200 ms capped with equal jitter (100–200 ms): in 4 s about
-    // 4 + 3.7 s / 150 ms ≈ 29 attempts; between 4 + 3.7/0.2 and 4 + 3.7/0.1 allowing noise.
+    // 4 + 3.7 s / 150 ms ≈ 29 attempts; at most 4 + 3.7/0.1 (the backoff's floor: a machine
+    // can only be slower), at least 8 (every gap within the 500 ms bound above, scaled).
     let n = outage.len();
-    assert!((20..=42).contains(&n), "{n} attempts in a 4 s outage");
+    let fewest = (8 / time_scale() as usize).max(1);
+    assert!((fewest..=42).contains(&n), "{n} attempts in a 4 s outage");
     // Recovery: the first attempt after it succeeds, then the normal 500 ms cadence.
     let after: Vec<&Seen> = all[n..].iter().collect();
     assert_eq!(after[0].status, 200);

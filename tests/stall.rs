@@ -97,7 +97,7 @@ async fn a_resolver_that_never_answers_neither_holds_the_exit_nor_piles_up_threa
     // SIGTERM: out within a second although getaddrinfo is still stuck.
     let (status, took) = agent.stop();
     assert_eq!(status.code(), Some(0), "{}", agent.all_output());
-    assert!(took < SECOND, "stop took {took:?}");
+    assert!(took < slack(SECOND), "stop took {took:?}");
     eprintln!("{attempts} attempts, {n} threads, stop in {took:?}");
 }
 
@@ -137,7 +137,7 @@ async fn a_hanging_version_probe_neither_holds_the_exit_nor_outlives_the_agent()
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     let (status, took) = agent.stop();
     assert_eq!(status.code(), Some(0));
-    assert!(took < SECOND, "stop took {took:?}");
+    assert!(took < slack(SECOND), "stop took {took:?}");
     // The probe's child was killed and reaped with the agent, not left behind.
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),

@@ -2,8 +2,8 @@
 //! classification of every answer into an [`Outcome`] the heartbeat loop can act on.
 
 use super::problem::Problem;
-pub use super::transport::retry_after;
-use super::transport::{BodyError, read_limited, truncate};
+use super::transport::{BodyError, phase_message, read_limited, transport_error, truncate};
+pub use super::transport::{MAX_RETRY_AFTER, retry_after};
 use super::types::{Answer, TokenResponse};
 use crate::config::ApiConfig;
 use crate::secret::Secret;
@@ -17,9 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 /// Response bodies larger than this are refused: the real answer is a few hundred bytes, and a
 /// hostile or broken server must not make the agent allocate without bound.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// A `Retry-After` above this is treated as this: an hour without a heartbeat is already an
-/// outage, and a typo on the server must not silence the node for days.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// `User-Agent` of every request.
 pub fn user_agent() -> String {
@@ -116,6 +113,28 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    /// Names the phase a request failed in — resolving, connecting, the TLS handshake, waiting
+    /// for the answer — with what an operator debugging DNS, a proxy or a CA needs to know.
+    fn phase_error(&self, e: &reqwest::Error) -> String {
+        let target = e.url().map_or_else(String::new, |u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or("?"),
+                u.port_or_known_default().unwrap_or(0)
+            )
+        });
+        let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
+        phase_message(
+            &transport_error(e),
+            e.is_connect(),
+            e.is_timeout(),
+            &target,
+            host,
+            self.timeout,
+            self.connect_timeout,
+        )
+    }
+
     /// Builds the client from `[api]`.
     pub fn new(cfg: &ApiConfig) -> Result<Self, ClientError> {
         let mut builder = reqwest::Client::builder()
@@ -310,7 +329,6 @@ fn classify(status: StatusCode) -> FailureKind {
 
 #[cfg(test)]
 mod tests {
-    use super::super::transport::phase_message;
     use super::*;
 
     #[test]

@@ -1,9 +1,14 @@
 //! What the transport says: a response body read within a size limit, a transport error turned
 //! into one line that names the phase (DNS, connect, TLS, timeout), `Retry-After`.
+//!
+//! It knows nothing of the client: `client.rs` uses it, never the other way round.
 
-use super::client::{ApiClient, MAX_RETRY_AFTER};
 use reqwest::header::HeaderValue;
 use std::time::{Duration, SystemTime};
+
+/// A `Retry-After` above this is treated as this: an hour without a heartbeat is already an
+/// outage, and a typo on the server must not silence the node for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 pub(super) enum BodyError {
     TooLarge(String),
@@ -36,31 +41,6 @@ pub(super) async fn read_limited(
             Ok(None) => return Ok(buf),
             Err(e) => return Err(BodyError::Transport(e)),
         }
-    }
-}
-
-impl ApiClient {
-    /// Names the phase a request failed in — resolving, connecting, the TLS handshake, waiting
-    /// for the answer — with what an operator debugging DNS, a proxy or a CA needs to know.
-    pub(super) fn phase_error(&self, e: &reqwest::Error) -> String {
-        let chain = transport_error(e);
-        let target = e.url().map_or_else(String::new, |u| {
-            format!(
-                "{}:{}",
-                u.host_str().unwrap_or("?"),
-                u.port_or_known_default().unwrap_or(0)
-            )
-        });
-        let host = target.rsplit_once(':').map_or(target.as_str(), |(h, _)| h);
-        phase_message(
-            &chain,
-            e.is_connect(),
-            e.is_timeout(),
-            &target,
-            host,
-            self.timeout,
-            self.connect_timeout,
-        )
     }
 }
 

@@ -302,13 +302,34 @@ pub struct Agent {
     pub child: Option<Child>,
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_exalsius-node-agent")
+/// The binary under test: `EXALSIUS_TEST_BIN` when set (packaging/test-arm64.sh runs the
+/// binary-level suite once more against the aarch64 build, which binfmt_misc hands to
+/// qemu-user), else the one cargo built.
+pub fn bin() -> String {
+    std::env::var("EXALSIUS_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_exalsius-node-agent").to_string())
+}
+
+/// How much slower than a native run this one may be: `EXALSIUS_TEST_TIME_SCALE` (the qemu
+/// run sets it), 1 otherwise. Upper bounds on wall-clock gaps are multiplied by it, never
+/// dropped; lower bounds (nothing came sooner than X) need no scaling.
+pub fn time_scale() -> u32 {
+    std::env::var("EXALSIUS_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// An upper bound for a wall-clock assertion in a process-level test: `d` (chosen with room
+/// for a loaded 2-core machine), scaled by [`time_scale`].
+pub fn slack(d: Duration) -> Duration {
+    d * time_scale()
 }
 
 /// The binary with none of the caller's agent, proxy or systemd variables.
 pub fn clean_command() -> Command {
-    clean_command_for(Path::new(bin()))
+    clean_command_for(Path::new(&bin()))
 }
 
 /// Like [`clean_command`], for another copy of the binary.
