@@ -41,7 +41,7 @@ fn eight_h100_through_nvml() {
     let h = &inv.specs.hardware;
     assert_eq!(h.gpu_count, 8);
     assert_eq!(h.gpu_vendor, "NVIDIA");
-    assert_eq!(h.gpu_type, "NVIDIA H100 80GB HBM3");
+    assert_eq!(h.gpu_type, "H100 80GB HBM3");
     assert_eq!(h.gpu_memory, 80, "81559 MiB = 79.6 GiB rounds to 80");
     assert_eq!(
         inv.specs.software.nvidia,
@@ -73,7 +73,7 @@ fn auto_adds_other_vendors_but_takes_nvidia_from_nvml_only() {
     // When NVML works, NVIDIA GPUs on the bus that NVML does not report are not counted.
     let inv = collect(&fixture_host("a100x8"), GpuMode::Auto, Some(&lib));
     assert_eq!(inv.specs.hardware.gpu_count, 2);
-    assert_eq!(inv.specs.hardware.gpu_type, "NVIDIA H100 80GB HBM3");
+    assert_eq!(inv.specs.hardware.gpu_type, "H100 80GB HBM3");
     let unusable = inv
         .details
         .gpu_notes
@@ -113,7 +113,7 @@ fn driver_not_loaded_falls_back_to_pci() {
     let h = &inv.specs.hardware;
     assert_eq!(h.gpu_count, 8);
     assert_eq!(h.gpu_vendor, "NVIDIA");
-    assert_eq!(h.gpu_type, "NVIDIA A100-SXM4-80GB");
+    assert_eq!(h.gpu_type, "A100-SXM4-80GB");
     assert_eq!(h.gpu_memory, 80);
     assert!(
         inv.details
@@ -142,7 +142,7 @@ fn an_nvml_error_keeps_the_last_good_data() {
         let inv = collector.collect();
         let h = &inv.specs.hardware;
         assert_eq!(h.gpu_count, 8, "error {code}: last good data");
-        assert_eq!(h.gpu_type, "NVIDIA H100 80GB HBM3");
+        assert_eq!(h.gpu_type, "H100 80GB HBM3");
         assert!(
             inv.details
                 .gpu_notes
@@ -166,7 +166,7 @@ fn an_nvml_error_keeps_the_last_good_data() {
     );
     let inv = fresh.collect();
     assert_eq!(inv.specs.hardware.gpu_count, 8);
-    assert_eq!(inv.specs.hardware.gpu_type, "NVIDIA A100-SXM4-80GB");
+    assert_eq!(inv.specs.hardware.gpu_type, "A100-SXM4-80GB");
 }
 
 /// Under the packaged unit NVML cannot create missing /dev/nvidia* nodes: init fails with
@@ -241,7 +241,7 @@ fn fixture_a100_server() {
         (h.gpu_count, h.gpu_vendor.as_str(), h.gpu_memory),
         (8, "NVIDIA", 80)
     );
-    assert_eq!(h.gpu_type, "NVIDIA A100-SXM4-80GB");
+    assert_eq!(h.gpu_type, "A100-SXM4-80GB");
     assert!(
         !inv.details.gpus.iter().any(|g| g.bus_id == "0000:03:00.0"),
         "ASPEED BMC skipped"
@@ -264,7 +264,7 @@ fn fixture_mi300x_box() {
     );
     let h = &inv.specs.hardware;
     assert_eq!((h.gpu_count, h.gpu_vendor.as_str()), (8, "AMD"));
-    assert_eq!(h.gpu_type, "AMD Instinct MI300X");
+    assert_eq!(h.gpu_type, "Instinct MI300X");
     assert_eq!(h.gpu_memory, 192, "from amdgpu's mem_info_vram_total");
     assert_eq!(h.storage_gb, 3841);
     assert_valid("components/requests/node-patch-request.yaml", &body(&inv));
@@ -277,7 +277,7 @@ fn fixture_laptop_skips_the_igpu_and_reports_unknown_memory() {
     assert_eq!(h.gpu_count, 1, "{:?}", inv.details.gpus);
     assert_eq!(h.gpu_vendor, "NVIDIA");
     assert_eq!(
-        h.gpu_type, "NVIDIA device 28e0",
+        h.gpu_type, "device 28e0",
         "no pci.ids, not in the table"
     );
     assert_eq!(h.gpu_memory, 0);
@@ -322,7 +322,7 @@ async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
     let seen = api.wait_requests(2, Duration::from_secs(10)).await;
     let first: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
     assert_eq!(first["hardware"]["gpu_count"], 8);
-    assert_eq!(first["hardware"]["gpu_type"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(first["hardware"]["gpu_type"], "H100 80GB HBM3");
 
     set_fake_nvml(agent.dir.path(), "count=8\nblock_secs=60\n");
     let before = api.count();
@@ -444,7 +444,7 @@ fn fixture_mi250x_counts_each_die_with_its_own_memory() {
         (8, "AMD"),
         "4 modules, 8 dies"
     );
-    assert_eq!(h.gpu_type, "AMD Instinct MI250X/MI250");
+    assert_eq!(h.gpu_type, "Instinct MI250X/MI250");
     assert_eq!(h.gpu_memory, 64, "per die, not 128 per module");
 }
 
@@ -458,7 +458,7 @@ fn fixture_gh200_without_a_driver_reports_nvmls_name() {
     let h = &inv.specs.hardware;
     assert_eq!(
         (h.gpu_count, h.gpu_type.as_str()),
-        (1, "NVIDIA GH200 480GB")
+        (1, "GH200 480GB")
     );
     assert_eq!(h.gpu_memory, 96, "97871 MiB as NVML reports it");
     assert_eq!(inv.details.gpus[0].bus_id, "0009:01:00.0");
@@ -470,7 +470,7 @@ fn fixture_mi300a_unified_memory_comes_from_the_table_not_the_carve_out() {
     let h = &inv.specs.hardware;
     assert_eq!(
         (h.gpu_count, h.gpu_type.as_str()),
-        (4, "AMD Instinct MI300A")
+        (4, "Instinct MI300A")
     );
     assert_eq!(h.gpu_memory, 128, "not amdgpu's 512 MiB VRAM carve-out");
 }
@@ -524,7 +524,7 @@ fn no_memory_call_works_then_the_table_else_zero_never_dropped() {
     let h = &inv.specs.hardware;
     assert_eq!(
         (h.gpu_count, h.gpu_type.as_str(), h.gpu_memory),
-        (1, "NVIDIA GB10", 0)
+        (1, "GB10", 0)
     );
     assert_eq!(inv.details.gpus[0].memory_bytes, None);
 }

@@ -32,6 +32,33 @@ impl Vendor {
             Vendor::Intel => "INTEL",
         }
     }
+
+    /// `gpu_type` as the platform shows it: the model without the vendor's name, which
+    /// `gpu_vendor` already carries (the exalsius CLI prints "{count}x {vendor} {type}", and
+    /// the platform's GPU vocabulary is "H100", "MI300X"): "NVIDIA H100 80GB HBM3" →
+    /// "H100 80GB HBM3", "AMD Instinct MI300X" → "Instinct MI300X", "Intel(R) Data Center GPU
+    /// Max 1550" → "Data Center GPU Max 1550". A name without the prefix is kept as it is
+    /// ("Tesla V100-SXM2-16GB"), and so is one that would be left empty.
+    pub fn model_of(self, name: &str) -> String {
+        let prefixes: &[&str] = match self {
+            Vendor::Nvidia => &["NVIDIA Corporation ", "NVIDIA "],
+            Vendor::Amd => &["Advanced Micro Devices, Inc. ", "AMD/ATI ", "AMD "],
+            Vendor::Intel => &["Intel Corporation ", "Intel(R) ", "Intel "],
+        };
+        let name = name.trim();
+        for p in prefixes {
+            if name.len() > p.len()
+                && name.is_char_boundary(p.len())
+                && name[..p.len()].eq_ignore_ascii_case(p)
+            {
+                let rest = name[p.len()..].trim();
+                if !rest.is_empty() {
+                    return rest.to_string();
+                }
+            }
+        }
+        name.to_string()
+    }
 }
 
 /// One GPU.
@@ -64,7 +91,7 @@ pub struct GpuSummary {
     pub count: i32,
     /// Vendor of the most common model, or `UNKNOWN`.
     pub vendor: String,
-    /// The most common model, or `UNKNOWN`.
+    /// The most common model without the vendor's name ([`Vendor::model_of`]), or `UNKNOWN`.
     pub model: String,
     /// Memory per GPU of that model in GiB (rounded), 0 when unknown.
     pub memory_gib: i32,
@@ -100,7 +127,7 @@ pub fn summarise(gpus: &[Gpu]) -> GpuSummary {
         Some(g) => GpuSummary {
             count: i32::try_from(gpus.len()).unwrap_or(i32::MAX),
             vendor: g.vendor.api_name().to_string(),
-            model: g.name.clone(),
+            model: g.vendor.model_of(&g.name),
             memory_gib: g.memory_bytes.map_or(0, super::memory::gib_rounded),
             mixed: models.len() > 1,
         },
@@ -404,9 +431,32 @@ mod tests {
         ];
         let s = summarise(&gpus);
         assert_eq!(s.count, 3);
-        assert_eq!(s.model, "NVIDIA H100 80GB HBM3");
+        assert_eq!(s.model, "H100 80GB HBM3");
         assert_eq!(s.memory_gib, 80);
         assert!(s.mixed);
+    }
+
+    #[test]
+    fn the_model_is_sent_without_the_vendor_name() {
+        for (vendor, full, model) in [
+            (Vendor::Nvidia, "NVIDIA H100 80GB HBM3", "H100 80GB HBM3"),
+            (Vendor::Nvidia, "NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"),
+            (Vendor::Nvidia, "nvidia L4", "L4"),
+            (Vendor::Nvidia, "Tesla V100-SXM2-16GB", "Tesla V100-SXM2-16GB"),
+            (Vendor::Nvidia, "NVIDIA", "NVIDIA"),
+            (Vendor::Nvidia, "NVIDIA ", "NVIDIA"),
+            (Vendor::Nvidia, "NVIDIAX 1", "NVIDIAX 1"),
+            (Vendor::Amd, "AMD Instinct MI300X", "Instinct MI300X"),
+            (Vendor::Amd, "AMD Instinct MI250X/MI250", "Instinct MI250X/MI250"),
+            (Vendor::Intel, "Intel(R) Data Center GPU Max 1550", "Data Center GPU Max 1550"),
+            (Vendor::Intel, "Intel Arc A770", "Arc A770"),
+            (Vendor::Nvidia, "NVIDIA device 28e0", "device 28e0"),
+            (Vendor::Nvidia, "NVIDIAé", "NVIDIAé"),
+        ] {
+            assert_eq!(vendor.model_of(full), model, "{full}");
+        }
+        let s = summarise(&[gpu(0, Vendor::Nvidia, "NVIDIA H100 80GB HBM3", 80)]);
+        assert_eq!((s.vendor.as_str(), s.model.as_str()), ("NVIDIA", "H100 80GB HBM3"));
     }
 
     #[test]
