@@ -582,3 +582,37 @@ fn a_gpu_without_a_bus_id_is_not_counted_twice() {
         inv.details.gpu_notes
     );
 }
+
+/// The stub in the mode that makes a sandbox matter: it opens `nvidiactl` and `nvidia<i>` at
+/// init as libnvidia-ml does. Nodes there (here plain files) → the GPUs; a node missing →
+/// "driver not loaded" and the PCI scan stands in; a refused open → NVML's NO_PERMISSION,
+/// reported with the advice that fits (the refusal here is sysfs's EACCES for a read-only
+/// attribute opened read-write, which a root test process gets too).
+#[test]
+fn the_stub_opens_the_device_nodes_and_a_refusal_is_no_permission() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev");
+    std::fs::create_dir(&dev).unwrap();
+    let conf = format!("count=2\nopen_devices=1\ndev_dir={}\n", dev.display());
+    let lib = build_fake_nvml(dir.path(), &conf);
+    // Missing nodes: the driver is not loaded.
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 0);
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(notes.contains("driver is not loaded"), "{notes}");
+    // Nodes there: both GPUs.
+    for n in ["nvidiactl", "nvidia0", "nvidia1"] {
+        std::fs::write(dev.join(n), "").unwrap();
+    }
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 2, "{:?}", inv.details.gpu_notes);
+    // The second GPU's node refused.
+    let readonly = Path::new("/sys/devices/system/cpu/online");
+    std::fs::remove_file(dev.join("nvidia1")).unwrap();
+    std::os::unix::fs::symlink(readonly, dev.join("nvidia1")).unwrap();
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 0);
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(notes.contains("Insufficient Permissions") || notes.contains("permission"), "{notes}");
+    assert!(notes.contains("/dev/nvidiactl"), "the advice names the node: {notes}");
+}

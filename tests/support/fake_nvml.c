@@ -20,12 +20,20 @@
  *                          on early R510 builds; 3 = NOT_SUPPORTED)
  *   pci_device_id=0x233010de  what nvmlDeviceGetPciInfo_v3 reports (device << 16 | vendor)
  *   pci_fail_index=4       nvmlDeviceGetPciInfo_v3 fails for this GPU (no bus id)
+ *   open_devices=1         nvmlInit_v2 opens DEV/nvidiactl and DEV/nvidia0..count-1 read-write,
+ *                          as libnvidia-ml does, so a sandbox's device policy matters: a
+ *                          refused open (EPERM, EACCES) → NVML_ERROR_NO_PERMISSION (4), a
+ *                          missing node (ENOENT) → NVML_ERROR_DRIVER_NOT_LOADED (9); any other
+ *                          answer (ENXIO from a node with no driver behind it) is success
+ *   dev_dir=/dev           DEV above
  *
  * Compiled with -DNO_MEMORY_V2 it does not export nvmlDeviceGetMemoryInfo_v2 at all (drivers
  * before R510); with -DNO_MEMORY_V1, not nvmlDeviceGetMemoryInfo.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -80,6 +88,8 @@ static struct {
     int mem_v2_result;
     unsigned pci_device_id;
     int pci_fail_index;
+    int open_devices;
+    char dev_dir[PATH_MAX];
 } cfg;
 
 /* Bus numbers of a real 8-GPU HGX board. */
@@ -100,6 +110,8 @@ static void load_config(void) {
     cfg.mem_v2_result = 0;
     cfg.pci_device_id = 0x233010de;
     cfg.pci_fail_index = -1;
+    cfg.open_devices = 0;
+    snprintf(cfg.dev_dir, sizeof cfg.dev_dir, "/dev");
 
     Dl_info info;
     if (!dladdr((void *)load_config, &info) || !info.dli_fname) return;
@@ -131,6 +143,8 @@ static void load_config(void) {
         else if (!strcmp(k, "mem_v2_result")) cfg.mem_v2_result = atoi(v);
         else if (!strcmp(k, "pci_device_id")) cfg.pci_device_id = (unsigned)strtoul(v, NULL, 0);
         else if (!strcmp(k, "pci_fail_index")) cfg.pci_fail_index = atoi(v);
+        else if (!strcmp(k, "open_devices")) cfg.open_devices = atoi(v);
+        else if (!strcmp(k, "dev_dir")) snprintf(cfg.dev_dir, sizeof cfg.dev_dir, "%s", v);
     }
     fclose(f);
 }
@@ -143,9 +157,33 @@ static nvmlReturn_t copy_str(char *dst, unsigned len, const char *src) {
     return NVML_SUCCESS;
 }
 
+/* Opens one device node as libnvidia-ml does: 0, or the NVML error its errno maps to. */
+static nvmlReturn_t open_node(const char *name) {
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/%s", cfg.dev_dir, name);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd >= 0) {
+        close(fd);
+        return NVML_SUCCESS;
+    }
+    if (errno == EPERM || errno == EACCES) return 4; /* NVML_ERROR_NO_PERMISSION */
+    if (errno == ENOENT) return 9;                   /* NVML_ERROR_DRIVER_NOT_LOADED */
+    return NVML_SUCCESS; /* ENXIO and the like: the node is there and was not refused */
+}
+
 nvmlReturn_t nvmlInit_v2(void) {
     load_config();
-    return cfg.init_result;
+    if (cfg.init_result) return cfg.init_result;
+    if (cfg.open_devices) {
+        nvmlReturn_t r = open_node("nvidiactl");
+        for (unsigned i = 0; !r && i < cfg.count; i++) {
+            char name[32];
+            snprintf(name, sizeof name, "nvidia%u", i);
+            r = open_node(name);
+        }
+        return r;
+    }
+    return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlShutdown(void) { return NVML_SUCCESS; }

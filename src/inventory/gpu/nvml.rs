@@ -121,11 +121,14 @@ fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome
                 ));
             }
             Err(e @ NvmlError::NoPermission) => {
+                let ctl = std::path::Path::new(CONTROL_NODE);
+                let node = std::fs::metadata(ctl).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.mode(), m.uid(), m.gid())
+                });
                 return NvmlOutcome::Failed(format!(
-                    "NVML init failed: {e}: the /dev/nvidia* device nodes are missing or not \
-                     accessible, and an unprivileged service cannot have them created; enable \
-                     nvidia-persistenced (systemctl enable --now nvidia-persistenced) or run \
-                     nvidia-smi once as root after boot — the agent retries at every refresh"
+                    "NVML init failed: {e}: {}",
+                    no_permission_advice(node)
                 ));
             }
             Err(e) => return NvmlOutcome::Failed(format!("NVML init failed: {e}")),
@@ -142,6 +145,46 @@ fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome
             NvmlOutcome::Failed(format!("NVML query failed: {e}"))
         }
     }
+}
+
+/// The node every NVML process opens first.
+const CONTROL_NODE: &str = "/dev/nvidiactl";
+
+/// What to do about NVML's "insufficient permissions", from what `/dev/nvidiactl` looks like
+/// (mode, owner, group; `None`: not there). Three different causes need three different fixes.
+pub fn no_permission_advice(node: Option<(u32, u32, u32)>) -> String {
+    const RETRY: &str = "the agent retries at every refresh";
+    match node {
+        None => format!(
+            "{CONTROL_NODE} does not exist and an unprivileged service cannot have it created; \
+             enable nvidia-persistenced (systemctl enable --now nvidia-persistenced) or run \
+             nvidia-smi once as root after boot — {RETRY}"
+        ),
+        // World read-write, refused all the same: only a device policy refuses that — under
+        // the packaged unit, DeviceAllow=char-nvidia*, which systemd resolves against
+        // /proc/devices when the service starts (a driver loaded later is not in it).
+        Some((mode, _, _)) if mode & 0o006 == 0o006 => format!(
+            "{CONTROL_NODE} exists and is world-accessible (mode {:04o}), so this service's \
+             device policy refuses it: systemd fixed the unit's DeviceAllow= list when the \
+             service started, before the NVIDIA driver was loaded (or the unit is older than \
+             the driver's device names) — systemctl restart exalsius-node-agent",
+            mode & 0o7777
+        ),
+        Some((mode, uid, gid)) => format!(
+            "{CONTROL_NODE} is mode {:04o}, owner {uid}, group {gid}, and this user \
+             (uid {}) may not open it; make the nodes world-accessible (the driver's default, \
+             NVreg_DeviceFileMode=0666) or give the service that group (SupplementaryGroups= \
+             in a drop-in) — {RETRY}",
+            mode & 0o7777,
+            current_uid()
+        ),
+    }
+}
+
+/// The effective uid: `/proc/self` belongs to it (no `unsafe` getuid needed).
+fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
 }
 
 fn cuda_text(v: i32) -> String {
@@ -263,5 +306,19 @@ mod tests {
         assert!(matches!(p.query(NVML_TIMEOUT), NvmlOutcome::NoLibrary(_)));
         assert!(p.first_missing());
         assert!(!p.first_missing());
+    }
+
+    #[test]
+    fn a_permission_error_names_the_cause_that_fits_the_node() {
+        let missing = no_permission_advice(None);
+        assert!(missing.contains("does not exist") && missing.contains("nvidia-persistenced"));
+        // Driver defaults (0666): only a device policy can refuse it — restart, not persistenced.
+        let policy = no_permission_advice(Some((0o20666, 0, 0)));
+        assert!(policy.contains("device policy"), "{policy}");
+        assert!(policy.contains("systemctl restart exalsius-node-agent"), "{policy}");
+        assert!(!policy.contains("persistenced"), "{policy}");
+        let group = no_permission_advice(Some((0o20660, 0, 44)));
+        assert!(group.contains("mode 0660") && group.contains("group 44"), "{group}");
+        assert!(group.contains("SupplementaryGroups="), "{group}");
     }
 }
