@@ -44,6 +44,12 @@ fn send_nonblocking(path: &OsStr, msg: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Started by systemd as a notify service (`NOTIFY_SOCKET` is set): what systemd started, it
+/// restarts (`Restart=on-failure`).
+pub fn supervised() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 /// The configuration is loaded and the loop is running.
 pub fn ready() {
     send(&[NotifyState::Ready]);

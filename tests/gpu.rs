@@ -276,10 +276,7 @@ fn fixture_laptop_skips_the_igpu_and_reports_unknown_memory() {
     let h = &inv.specs.hardware;
     assert_eq!(h.gpu_count, 1, "{:?}", inv.details.gpus);
     assert_eq!(h.gpu_vendor, "NVIDIA");
-    assert_eq!(
-        h.gpu_type, "device 28e0",
-        "no pci.ids, not in the table"
-    );
+    assert_eq!(h.gpu_type, "device 28e0", "no pci.ids, not in the table");
     assert_eq!(h.gpu_memory, 0);
     assert!(inv.details.gpu_notes.iter().any(|n| n.contains("unknown")));
 }
@@ -456,10 +453,7 @@ fn fixture_gh200_without_a_driver_reports_nvmls_name() {
         Some(Path::new("/nonexistent/libnvidia-ml.so.1")),
     );
     let h = &inv.specs.hardware;
-    assert_eq!(
-        (h.gpu_count, h.gpu_type.as_str()),
-        (1, "GH200 480GB")
-    );
+    assert_eq!((h.gpu_count, h.gpu_type.as_str()), (1, "GH200 480GB"));
     assert_eq!(h.gpu_memory, 96, "97871 MiB as NVML reports it");
     assert_eq!(inv.details.gpus[0].bus_id, "0009:01:00.0");
 }
@@ -468,10 +462,7 @@ fn fixture_gh200_without_a_driver_reports_nvmls_name() {
 fn fixture_mi300a_unified_memory_comes_from_the_table_not_the_carve_out() {
     let inv = collect(&fixture_host("mi300a"), GpuMode::Pci, None);
     let h = &inv.specs.hardware;
-    assert_eq!(
-        (h.gpu_count, h.gpu_type.as_str()),
-        (4, "Instinct MI300A")
-    );
+    assert_eq!((h.gpu_count, h.gpu_type.as_str()), (4, "Instinct MI300A"));
     assert_eq!(h.gpu_memory, 128, "not amdgpu's 512 MiB VRAM carve-out");
 }
 
@@ -605,7 +596,11 @@ fn the_stub_opens_the_device_nodes_and_a_refusal_is_no_permission() {
         std::fs::write(dev.join(n), "").unwrap();
     }
     let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
-    assert_eq!(inv.specs.hardware.gpu_count, 2, "{:?}", inv.details.gpu_notes);
+    assert_eq!(
+        inv.specs.hardware.gpu_count, 2,
+        "{:?}",
+        inv.details.gpu_notes
+    );
     // The second GPU's node refused.
     let readonly = Path::new("/sys/devices/system/cpu/online");
     std::fs::remove_file(dev.join("nvidia1")).unwrap();
@@ -613,6 +608,12 @@ fn the_stub_opens_the_device_nodes_and_a_refusal_is_no_permission() {
     let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
     assert_eq!(inv.specs.hardware.gpu_count, 0);
     let notes = inv.details.gpu_notes.join("\n");
-    assert!(notes.contains("Insufficient Permissions") || notes.contains("permission"), "{notes}");
-    assert!(notes.contains("/dev/nvidiactl"), "the advice names the node: {notes}");
+    assert!(
+        notes.contains("Insufficient Permissions") || notes.contains("permission"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("/dev/nvidiactl"),
+        "the advice names the node: {notes}"
+    );
 }

@@ -73,13 +73,19 @@ pub enum RunError {
     /// Another process writes this state directory.
     #[error(transparent)]
     Locked(LockError),
+    /// Stopping so that systemd starts the service again with a device policy that covers
+    /// the NVIDIA driver loaded since (`refresh.rs`, `device_policy_restart`).
+    #[error("{0}")]
+    RestartForDevices(String),
 }
 
 impl RunError {
     /// Process exit code: 78 for configuration problems, 1 for runtime failures.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::OnceFailed(_) | RunError::Locked(LockError::Held { .. }) => 1,
+            RunError::OnceFailed(_)
+            | RunError::Locked(LockError::Held { .. })
+            | RunError::RestartForDevices(_) => 1,
             _ => crate::config::EX_CONFIG,
         }
     }
@@ -127,6 +133,9 @@ pub struct Agent {
     metrics: Option<Metrics>,
     /// When the current attempt was sent (for the latency metric).
     sent_at: Instant,
+    /// Set by a collection that found NVML refused by the service's device policy: the loop
+    /// stops with it, and systemd starts the service again.
+    restart_for_devices: Option<String>,
 }
 
 /// Takes the state directory's lock, loads the state, chooses credentials and builds the
@@ -186,6 +195,7 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         collecting: Arc::new(AtomicBool::new(false)),
         metrics,
         sent_at: Instant::now(),
+        restart_for_devices: None,
     })
 }
 
@@ -322,6 +332,9 @@ impl Agent {
         let mut once_attempts = 0;
         let mode = self.mode;
         loop {
+            if let Some(why) = self.restart_for_devices.take() {
+                return Err(RunError::RestartForDevices(why));
+            }
             let far = Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 biased;

@@ -48,6 +48,9 @@ impl Agent {
     }
 
     pub(super) fn apply_inventory(&mut self, inv: Inventory, took: Duration) {
+        if inv.details.device_policy_refused {
+            self.device_policy_restart();
+        }
         if let Some(m) = &mut self.metrics {
             m.inventory(inv.specs.hardware.gpu_count, took);
             if inv.details.nvml_failed {
@@ -70,4 +73,44 @@ impl Agent {
         debug!(specs = ?new, took_ms = took.as_millis() as u64, "inventory refreshed");
         self.specs = Some(new);
     }
+
+    /// NVML was refused world-accessible NVIDIA device nodes: the service's device policy
+    /// (`DeviceAllow=char-nvidia*`, resolved against /proc/devices when the service started)
+    /// predates the driver. A new start resolves it again, so a daemon started by systemd
+    /// stops with exit 1 and `Restart=on-failure` starts it again 5 s later — once per boot
+    /// (a marker in the state directory holds the boot id), so a policy that stays closed for
+    /// another reason (a drop-in) cannot cause a restart loop. In the foreground, `--once`,
+    /// `--dry-run`, or when the marker cannot be written, the GPU warning says what to do.
+    fn device_policy_restart(&mut self) {
+        if self.mode != Mode::Daemon || !systemd::supervised() || self.restart_for_devices.is_some()
+        {
+            return;
+        }
+        let marker = self.store.dir().join(DEVICE_RESTART_MARKER);
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_string())
+            .unwrap_or_default();
+        if boot.is_empty() {
+            return;
+        }
+        if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == boot) {
+            warn!(
+                "NVML is still refused the NVIDIA device nodes after the restart that re-read the device policy; not restarting again this boot (check drop-ins: systemctl cat exalsius-node-agent)"
+            );
+            return;
+        }
+        if let Err(e) = std::fs::write(&marker, format!("{boot}\n")) {
+            warn!(
+                "cannot write {}: {e}; not restarting for the device policy (restart the service by hand)",
+                marker.display()
+            );
+            return;
+        }
+        let why = "NVML is refused the NVIDIA device nodes by this service's device policy, which systemd fixed when the service started, before the driver was loaded: stopping so that systemd starts the service again (once per boot)";
+        error!("{why}");
+        self.restart_for_devices = Some(why.to_string());
+    }
 }
+
+/// In the state directory: the boot id of the last restart for the device policy.
+const DEVICE_RESTART_MARKER: &str = "device-policy-restart";

@@ -37,6 +37,9 @@ pub struct Details {
     /// NVML is there but failed in this collection (counted by the metrics).
     #[serde(skip)]
     pub nvml_failed: bool,
+    /// NVML was refused world-accessible device nodes (the service's device policy).
+    #[serde(skip)]
+    pub device_policy_refused: bool,
 }
 
 /// One collection: what the API gets and what the operator sees.
@@ -140,6 +143,7 @@ impl Collector for HostCollector {
                 gpus: gpu_report.gpus,
                 gpu_notes: gpu_report.notes,
                 nvml_failed: gpu_report.nvml_failed,
+                device_policy_refused: gpu_report.device_policy_refused,
             },
         }
     }

@@ -145,6 +145,9 @@ pub struct GpuReport {
     pub nvidia_version: Option<String>,
     /// NVML is there but failed this time (an error, a timeout): counted by the metrics.
     pub nvml_failed: bool,
+    /// NVML was refused world-accessible device nodes: the service's device policy, fixed
+    /// when it started, does not cover a driver loaded since (the loop may ask for a restart).
+    pub device_policy_refused: bool,
 }
 
 /// GPU discovery with memory between refreshes: the kept NVML handle, the last good NVML
@@ -241,6 +244,10 @@ impl GpuProbe {
                     }
                     NvmlOutcome::Busy => "an earlier NVML query is still stuck".to_string(),
                     NvmlOutcome::Failed(why) => why,
+                    NvmlOutcome::PolicyRefused(why) => {
+                        report.device_policy_refused = true;
+                        why
+                    }
                     NvmlOutcome::Data(_) | NvmlOutcome::NoLibrary(_) => String::new(),
                 };
                 self.nvml_failed(&what, report);
@@ -442,13 +449,25 @@ mod tests {
             (Vendor::Nvidia, "NVIDIA H100 80GB HBM3", "H100 80GB HBM3"),
             (Vendor::Nvidia, "NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"),
             (Vendor::Nvidia, "nvidia L4", "L4"),
-            (Vendor::Nvidia, "Tesla V100-SXM2-16GB", "Tesla V100-SXM2-16GB"),
+            (
+                Vendor::Nvidia,
+                "Tesla V100-SXM2-16GB",
+                "Tesla V100-SXM2-16GB",
+            ),
             (Vendor::Nvidia, "NVIDIA", "NVIDIA"),
             (Vendor::Nvidia, "NVIDIA ", "NVIDIA"),
             (Vendor::Nvidia, "NVIDIAX 1", "NVIDIAX 1"),
             (Vendor::Amd, "AMD Instinct MI300X", "Instinct MI300X"),
-            (Vendor::Amd, "AMD Instinct MI250X/MI250", "Instinct MI250X/MI250"),
-            (Vendor::Intel, "Intel(R) Data Center GPU Max 1550", "Data Center GPU Max 1550"),
+            (
+                Vendor::Amd,
+                "AMD Instinct MI250X/MI250",
+                "Instinct MI250X/MI250",
+            ),
+            (
+                Vendor::Intel,
+                "Intel(R) Data Center GPU Max 1550",
+                "Data Center GPU Max 1550",
+            ),
             (Vendor::Intel, "Intel Arc A770", "Arc A770"),
             (Vendor::Nvidia, "NVIDIA device 28e0", "device 28e0"),
             (Vendor::Nvidia, "NVIDIAé", "NVIDIAé"),
@@ -456,7 +475,10 @@ mod tests {
             assert_eq!(vendor.model_of(full), model, "{full}");
         }
         let s = summarise(&[gpu(0, Vendor::Nvidia, "NVIDIA H100 80GB HBM3", 80)]);
-        assert_eq!((s.vendor.as_str(), s.model.as_str()), ("NVIDIA", "H100 80GB HBM3"));
+        assert_eq!(
+            (s.vendor.as_str(), s.model.as_str()),
+            ("NVIDIA", "H100 80GB HBM3")
+        );
     }
 
     #[test]

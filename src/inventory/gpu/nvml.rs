@@ -53,6 +53,9 @@ pub enum NvmlOutcome {
     NoLibrary(String),
     /// The library is there but NVML failed (driver not loaded, version mismatch, …).
     Failed(String),
+    /// NVML was refused the device nodes although they are world-accessible: only a device
+    /// policy (the service's cgroup) refuses that.
+    PolicyRefused(String),
     /// The query did not finish within the timeout.
     TimedOut,
     /// An earlier query is still stuck inside NVML.
@@ -126,10 +129,13 @@ fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome
                     use std::os::unix::fs::MetadataExt;
                     (m.mode(), m.uid(), m.gid())
                 });
-                return NvmlOutcome::Failed(format!(
-                    "NVML init failed: {e}: {}",
-                    no_permission_advice(node)
-                ));
+                let message = format!("NVML init failed: {e}: {}", no_permission_advice(node));
+                return match node {
+                    Some((mode, _, _)) if world_accessible(mode) => {
+                        NvmlOutcome::PolicyRefused(message)
+                    }
+                    _ => NvmlOutcome::Failed(message),
+                };
             }
             Err(e) => return NvmlOutcome::Failed(format!("NVML init failed: {e}")),
         }
@@ -163,7 +169,7 @@ pub fn no_permission_advice(node: Option<(u32, u32, u32)>) -> String {
         // World read-write, refused all the same: only a device policy refuses that — under
         // the packaged unit, DeviceAllow=char-nvidia*, which systemd resolves against
         // /proc/devices when the service starts (a driver loaded later is not in it).
-        Some((mode, _, _)) if mode & 0o006 == 0o006 => format!(
+        Some((mode, _, _)) if world_accessible(mode) => format!(
             "{CONTROL_NODE} exists and is world-accessible (mode {:04o}), so this service's \
              device policy refuses it: systemd fixed the unit's DeviceAllow= list when the \
              service started, before the NVIDIA driver was loaded (or the unit is older than \
@@ -179,6 +185,11 @@ pub fn no_permission_advice(node: Option<(u32, u32, u32)>) -> String {
             current_uid()
         ),
     }
+}
+
+/// Read-write for everyone: the NVIDIA driver's default for its nodes.
+fn world_accessible(mode: u32) -> bool {
+    mode & 0o006 == 0o006
 }
 
 /// The effective uid: `/proc/self` belongs to it (no `unsafe` getuid needed).
@@ -315,10 +326,16 @@ mod tests {
         // Driver defaults (0666): only a device policy can refuse it — restart, not persistenced.
         let policy = no_permission_advice(Some((0o20666, 0, 0)));
         assert!(policy.contains("device policy"), "{policy}");
-        assert!(policy.contains("systemctl restart exalsius-node-agent"), "{policy}");
+        assert!(
+            policy.contains("systemctl restart exalsius-node-agent"),
+            "{policy}"
+        );
         assert!(!policy.contains("persistenced"), "{policy}");
         let group = no_permission_advice(Some((0o20660, 0, 44)));
-        assert!(group.contains("mode 0660") && group.contains("group 44"), "{group}");
+        assert!(
+            group.contains("mode 0660") && group.contains("group 44"),
+            "{group}"
+        );
         assert!(group.contains("SupplementaryGroups="), "{group}");
     }
 }
