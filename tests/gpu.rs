@@ -617,3 +617,49 @@ fn the_stub_opens_the_device_nodes_and_a_refusal_is_no_permission() {
         "the advice names the node: {notes}"
     );
 }
+
+/// A workstation: an RTX 4090 behind a root port, the Ryzen CPU's integrated Radeon (Raphael)
+/// and an A100 bound to vfio-pci (passed through to a VM). Only the 4090 is schedulable here:
+/// it used to report gpu_count 2 (3 with the passed-through card).
+#[test]
+fn fixture_ryzen_workstation_counts_neither_the_apu_graphics_nor_a_passed_through_gpu() {
+    for mode in [GpuMode::Pci, GpuMode::Auto] {
+        let inv = collect(
+            &fixture_host("ryzen-4090"),
+            mode,
+            Some(Path::new("/nonexistent/libnvidia-ml.so.1")),
+        );
+        let h = &inv.specs.hardware;
+        assert_eq!(
+            (h.gpu_count, h.gpu_vendor.as_str(), h.gpu_type.as_str()),
+            (1, "NVIDIA", "GeForce RTX 4090"),
+            "{mode:?}: {:?}",
+            inv.details.gpus
+        );
+        assert_eq!(inv.details.gpus[0].driver.as_deref(), Some("nvidia"));
+        let notes = inv.details.gpu_notes.join("\n");
+        assert!(
+            notes.contains("Raphael at 0000:11:00.0 is integrated graphics"),
+            "{notes}"
+        );
+        assert!(
+            notes.contains(
+                "at 0000:05:00.0 is bound to vfio-pci (passed through to a virtual machine)"
+            ),
+            "{notes}"
+        );
+    }
+}
+
+/// Intel's integrated graphics are told by the bus topology (on the root bus, no port between),
+/// not by a bus number: the laptop's iGPU is skipped, its discrete RTX counted.
+#[test]
+fn fixture_laptop_skips_intel_graphics_integrated_in_the_root_complex() {
+    let inv = collect(&fixture_host("laptop"), GpuMode::Pci, None);
+    assert_eq!(inv.specs.hardware.gpu_count, 1);
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(
+        notes.contains("at 0000:00:02.0 is integrated graphics"),
+        "{notes}"
+    );
+}

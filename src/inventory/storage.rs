@@ -1,8 +1,12 @@
 //! Storage: total capacity of the local physical disks, each counted once.
 //!
-//! Rule: every entry of `{root}/sys/block` except virtual and removable devices (`loop*`,
-//! `ram*`, `zram*`, `dm-*`, `md*`, `nbd*`, `sr*`, `fd*`, and anything whose `removable` is 1),
-//! sized by its `size` file (always in 512-byte sectors). Partitions live below their disk
+//! Rule: every entry of `{root}/sys/block` except virtual and removable devices, sized by its
+//! `size` file (always in 512-byte sectors). Virtual: whatever the kernel files under
+//! `/sys/devices/virtual/block` (`/sys/block/X` is a symlink there: ZFS zvols, bcache, DRBD, nbd,
+//! device-mapper, md, loop, zram — whatever the name), and by name, for trees without those
+//! links: `loop*`, `ram*`, `zram*`, `dm-*`, `md*`, `nbd*`, `rbd*` (a Ceph image: storage of
+//! the cluster, not of this node; the kernel files it under `/sys/devices/rbd`), `zd*`,
+//! `bcache*`, `drbd*`, `sr*`, `fd*`; removable: `removable` is 1. Partitions live below their disk
 //! in sysfs, so they are not counted again; device-mapper and md devices are views of disks
 //! already counted. Multipath counts once: a SCSI disk held by a multipath map (a `dm-*` whose
 //! `dm/uuid` starts with `mpath-`) is a path, and the map is counted instead; NVMe's hidden
@@ -14,7 +18,15 @@ use serde::Serialize;
 use std::path::Path;
 
 /// Prefixes of block devices that are not physical disks.
-const VIRTUAL_PREFIXES: &[&str] = &["loop", "ram", "zram", "dm-", "md", "nbd", "sr", "fd"];
+const VIRTUAL_PREFIXES: &[&str] = &[
+    "loop", "ram", "zram", "dm-", "md", "nbd", "rbd", "zd", "bcache", "drbd", "sr", "fd",
+];
+
+/// True when `/sys/block/{name}` points into `/sys/devices/virtual/` (no hardware behind it).
+fn is_virtual(block: &Path, name: &str) -> bool {
+    std::fs::read_link(block.join(name))
+        .is_ok_and(|target| target.components().any(|c| c.as_os_str() == "virtual"))
+}
 /// `size` in sysfs counts 512-byte sectors regardless of the device's sector size.
 const SECTOR: u64 = 512;
 
@@ -64,7 +76,10 @@ pub fn disks(root: &Path) -> Vec<Disk> {
             let dir = e.path();
             let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
             let map = name.starts_with("dm-") && is_multipath_map(&block, &name);
-            if !map && VIRTUAL_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            if !map
+                && (is_virtual(&block, &name)
+                    || VIRTUAL_PREFIXES.iter().any(|p| name.starts_with(p)))
+            {
                 return None;
             }
             if is_nvme_path(&name) || read("hidden").is_some_and(|h| h.trim() == "1") {
@@ -150,6 +165,20 @@ mod tests {
         );
         assert!(is_nvme_path("nvme0c1n1") && is_nvme_path("nvme12c3n45"));
         assert!(!is_nvme_path("nvme0n1") && !is_nvme_path("nvme0c1") && !is_nvme_path("nvmexcyn1"));
+    }
+
+    /// One 1 TB NVMe disk beside views of storage, `/sys/block` as the symlinks the kernel
+    /// makes: a zvol, a Ceph RBD image, bcache, DRBD, and a virtual device with a disk-like
+    /// name. Before this rule the node reported 11000 GB.
+    #[test]
+    fn only_physical_disks_count_whatever_the_name() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/zfs-ceph");
+        let got: Vec<String> = disks(&root).into_iter().map(|d| d.name).collect();
+        assert_eq!(got, vec!["nvme0n1".to_string()]);
+        let bytes: u64 = disks(&root).iter().map(|d| d.bytes).sum();
+        assert_eq!(gb_rounded(bytes), 1000);
+        assert!(is_virtual(&root.join("sys/block"), "sdz"));
+        assert!(!is_virtual(&root.join("sys/block"), "nvme0n1"));
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct Gpu {
     pub mig_enabled: Option<bool>,
     /// `nvml` or `pci`.
     pub source: &'static str,
+    /// The kernel driver bound to it (PCI scan only; `None`: none, or not known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 /// The API's GPU fields for a list of GPUs.
@@ -268,6 +271,10 @@ impl GpuProbe {
             .filter(|g| g.source == "nvml" && g.bus_id.is_empty())
             .count();
         let mut unusable = Vec::new();
+        let drivers: Vec<(String, Option<String>)> = pci_gpus
+            .iter()
+            .map(|g| (g.bus_id.clone(), g.driver.clone()))
+            .collect();
         for g in pci_gpus {
             if report
                 .gpus
@@ -287,6 +294,10 @@ impl GpuProbe {
             }
             report.gpus.push(g);
         }
+        let unusable: Vec<(String, Option<String>)> = drivers
+            .into_iter()
+            .filter(|(bus, _)| unusable.contains(bus))
+            .collect();
         self.report_unusable(&unusable, &mut report.notes);
     }
 
@@ -322,9 +333,11 @@ impl GpuProbe {
         }
     }
 
-    /// NVIDIA GPUs on the PCI bus that NVML does not report (lost, fallen off the bus): not
-    /// counted, logged once per bus id (with the UUID the last refresh knew, if any).
-    fn report_unusable(&self, bus_ids: &[String], notes: &mut Vec<String>) {
+    /// NVIDIA GPUs on the PCI bus that NVML does not report, with the driver bound to each: not
+    /// counted, logged once per bus id (with the UUID the last refresh knew, if any) and named
+    /// for what the host says — bound to no driver, to another one, or lost by the driver.
+    fn report_unusable(&self, gpus: &[(String, Option<String>)], notes: &mut Vec<String>) {
+        let bus_ids: Vec<String> = gpus.iter().map(|(b, _)| b.clone()).collect();
         let Ok(mut warned) = self.unusable_warned.lock() else {
             return;
         };
@@ -335,13 +348,20 @@ impl GpuProbe {
             .ok()
             .and_then(|l| l.clone())
             .unwrap_or_default();
-        for bus in bus_ids {
+        for (bus, driver) in gpus {
             let uuid = known
                 .iter()
                 .find(|g| &g.bus_id == bus)
                 .and_then(|g| g.uuid.clone());
+            let why = match driver.as_deref() {
+                None => "is bound to no driver".to_string(),
+                Some("nvidia") => {
+                    "is on the PCI bus but NVML cannot use it (fallen off the bus?)".to_string()
+                }
+                Some(other) => format!("is bound to {other}, not the NVIDIA driver"),
+            };
             let line = format!(
-                "NVIDIA GPU at {bus}{} is on the PCI bus but NVML cannot use it — fallen off the bus? Not counted",
+                "NVIDIA GPU at {bus}{} {why}: not counted",
                 uuid.map_or_else(String::new, |u| format!(" ({u})"))
             );
             if !warned.contains(bus) {
@@ -417,6 +437,7 @@ mod tests {
             bus_id: format!("0000:{i:02x}:00.0"),
             mig_enabled: None,
             source: "pci",
+            driver: None,
         }
     }
 

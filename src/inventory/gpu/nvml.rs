@@ -291,6 +291,7 @@ fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
             bus_id,
             mig_enabled,
             source: "nvml",
+            driver: None,
         });
     }
     Ok(NvmlData {

@@ -3,8 +3,12 @@
 //!
 //! Counted: display controllers (class 0x03xxxx) and processing accelerators (0x12xxxx) of
 //! NVIDIA, AMD and Intel. Not counted: the BMC/VGA adapters every server has (ASPEED, Matrox:
-//! other vendors, so they never match), GPU audio functions (class 0x0403), and Intel display
-//! controllers on bus 0 (integrated graphics in the CPU package, not a compute GPU).
+//! other vendors, so they never match), GPU audio functions (class 0x0403), integrated graphics
+//! (the GPU in the CPU package, which the pool cannot schedule: AMD APUs' by device id in
+//! [`AMD_INTEGRATED`], Intel's as a display controller integrated in the root complex — on a
+//! root bus with no port between, where every discrete card sits behind a root port), and GPUs
+//! bound to `vfio-pci` (passed through to a virtual machine). NVIDIA's integrated parts (GH200,
+//! GB10) are the compute GPU and always count.
 //!
 //! Names: for the data-centre and workstation parts in [`PARTS`], the name the driver reports
 //! (NVML's, so `gpu_type` does not change when the driver stops or starts answering); else the
@@ -135,6 +139,43 @@ struct Found {
     device_id: u16,
     subsystem_id: Option<u16>,
     vram: Option<u64>,
+    /// The bound kernel driver (`driver` link's name).
+    driver: Option<String>,
+    /// Integrated graphics (see the module docs): named in a note, not counted.
+    integrated: bool,
+}
+
+/// AMD APUs' integrated graphics, by PCI device id (pci.ids names): Kaveri, Carrizo, Stoney,
+/// Raven/Picasso, Renoir, Cezanne, Lucienne, Barcelo, Van Gogh, Rembrandt, Raphael, Phoenix,
+/// Mendocino, Strix, Strix Halo, Granite Ridge. The data-centre APU (MI300A) is not here: its
+/// GPU is the compute part, in [`PARTS`].
+pub const AMD_INTEGRATED: &[u16] = &[
+    0x1304, 0x1305, 0x1306, 0x1307, 0x1309, 0x130a, 0x130b, 0x130c, 0x130d, 0x130e, 0x130f, 0x1310,
+    0x1311, 0x1312, 0x1313, 0x1315, 0x1316, 0x1317, 0x1318, 0x131b, 0x131c, 0x131d, 0x9874, 0x98e4,
+    0x15dd, 0x15d8, 0x1636, 0x1638, 0x164c, 0x15e7, 0x163f, 0x1681, 0x164d, 0x164e, 0x15bf, 0x15c8,
+    0x164f, 0x1506, 0x150e, 0x1586, 0x13c0,
+];
+
+/// True for integrated graphics (see the module docs).
+fn is_integrated(dev: &Path, vendor: Vendor, device_id: u16, base_class: u32) -> bool {
+    match vendor {
+        Vendor::Nvidia => false,
+        Vendor::Amd => AMD_INTEGRATED.contains(&device_id),
+        Vendor::Intel => base_class == 0x03 && on_root_bus(dev),
+    }
+}
+
+/// The device hangs directly off a root bus: its sysfs link (`/sys/bus/pci/devices/X` →
+/// `…/devices/pci0000:00/X`) has no bridge between. Not a symlink (an odd tree): false.
+fn on_root_bus(dev: &Path) -> bool {
+    let Ok(target) = std::fs::read_link(dev) else {
+        return false;
+    };
+    let mut parts = target.components().rev();
+    parts.next();
+    parts
+        .next()
+        .is_some_and(|p| p.as_os_str().to_string_lossy().starts_with("pci"))
 }
 
 fn read_hex(path: &Path) -> Option<u32> {
@@ -182,7 +223,7 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
     let gpus = found
         .into_iter()
         .enumerate()
-        .map(|(i, f)| {
+        .filter_map(|(i, f)| {
             let known = part(PARTS, f.vendor, f.device_id, f.subsystem_id);
             // The driver's own name for a known part (what NVML says, so a driver restart
             // does not change gpu_type); else pci.ids' marketing name; else the id.
@@ -208,6 +249,20 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
             } else {
                 format!("{prefix} {name}")
             };
+            if f.integrated {
+                notes.push(format!(
+                    "{name} at {} is integrated graphics (the CPU's): not counted",
+                    f.bus_id
+                ));
+                return None;
+            }
+            if f.driver.as_deref() == Some("vfio-pci") {
+                notes.push(format!(
+                    "{name} at {} is bound to vfio-pci (passed through to a virtual machine): not counted",
+                    f.bus_id
+                ));
+                return None;
+            }
             let table = known.map(|k| k.mib << 20);
             let memory_bytes = match known {
                 Some(k) if k.unified => table,
@@ -219,7 +274,7 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
                     name, f.vendor_id, f.device_id, f.bus_id
                 ));
             }
-            Gpu {
+            Some(Gpu {
                 index: u32::try_from(i).unwrap_or(u32::MAX),
                 vendor: f.vendor,
                 name,
@@ -228,7 +283,8 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
                 bus_id: f.bus_id,
                 mig_enabled: None,
                 source: "pci",
-            }
+                driver: f.driver,
+            })
         })
         .collect();
     (gpus, notes)
@@ -253,9 +309,10 @@ fn find(root: &Path) -> Vec<Found> {
             let vendor = vendor_of(vendor_id)?;
             let device_id = u16::try_from(read_hex(&dev.join("device"))?).ok()?;
             let bus_id = normalize_bus_id(&dev.file_name()?.to_string_lossy());
-            if vendor == Vendor::Intel && base == 0x03 && bus_number(&bus_id) == Some(0) {
-                return None; // integrated graphics
-            }
+            let integrated = is_integrated(&dev, vendor, device_id, base);
+            let driver = std::fs::read_link(dev.join("driver"))
+                .ok()
+                .and_then(|l| Some(l.file_name()?.to_string_lossy().into_owned()));
             let vram = std::fs::read_to_string(dev.join("mem_info_vram_total"))
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
@@ -269,15 +326,11 @@ fn find(root: &Path) -> Vec<Found> {
                 device_id,
                 subsystem_id,
                 vram,
+                driver,
+                integrated,
             })
         })
         .collect()
-}
-
-fn bus_number(bus_id: &str) -> Option<u32> {
-    let mut parts = bus_id.split(':');
-    parts.next()?;
-    u32::from_str_radix(parts.next()?, 16).ok()
 }
 
 /// Finds `device` under `vendor` in pci.ids text without parsing the rest: vendor lines are
@@ -402,7 +455,6 @@ mod tests {
     fn bus_ids() {
         assert_eq!(normalize_bus_id("00000000:17:00.0"), "0000:17:00.0");
         assert_eq!(normalize_bus_id("0000:C1:00.0"), "0000:c1:00.0");
-        assert_eq!(bus_number("0000:c1:00.0"), Some(0xc1));
     }
 
     #[test]
