@@ -9,11 +9,16 @@ any disagreement:
   - NVML init time (the first refresh) and time per refresh (the later ones), from the
     daemon's own "inventory refreshed took_ms" lines;
   - peak RSS (VmHWM) of `run --dry-run` with NVML loaded vs gpu = "off", side by side;
-  - SIGTERM during a refresh: the exit status and how long the stop took.
+  - SIGTERM during a refresh: the exit status and how long the stop took;
+  - the product as shipped: the same NVML inventory run under the packaged unit's sandbox
+    (`systemd-run` with every sandboxing line of the unit's [Service] section: DevicePolicy,
+    DeviceAllow, SystemCallFilter, MemoryDenyWriteExecute, PrivateUsers, ...) must equal the
+    plain binary's; without systemd as PID 1 it says "NOT PROVEN" (and does not fail).
 """
 import argparse
 import json
 import os
+import shutil
 import re
 import signal
 import statistics
@@ -132,6 +137,66 @@ def compare(smi_rows, nvml, pci):
             fail(f"{g['bus']}: PCI says {gib(p['mib'])} GiB, NVML {gib(g['mib'])} GiB (gpu_memory would flap)")
 
 
+# [Service] lines of the unit that are not sandboxing: how the service runs, not what it may do.
+NOT_SANDBOX = ("Type", "NotifyAccess", "ExecStart", "ExecReload", "Restart", "RestartSec",
+               "RestartPreventExitStatus", "WatchdogSec", "TimeoutStopSec", "StateDirectory",
+               "StateDirectoryMode", "User", "Group")
+
+
+def unit_sandbox(unit):
+    """The [Service] sandboxing properties of the unit file, as systemd-run -p arguments."""
+    props, section = [], None
+    for line in open(unit):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line
+            continue
+        key = line.split("=", 1)[0]
+        if section == "[Service]" and key not in NOT_SANDBOX:
+            props += ["-p", line]
+    return props
+
+
+def sandboxed_inventory(args, gpu, cfg_text):
+    """inventory --verbose-json under the unit's sandbox, or None (NOT PROVEN) without systemd."""
+    state = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True)
+    if shutil.which("systemd-run") is None or state.stdout.strip() in ("", "offline"):
+        say(f"\nNOT PROVEN: no systemd as PID 1 here (`systemctl is-system-running`: "
+            f"{state.stdout.strip() or state.stderr.strip() or 'no answer'}): the GPUs under the "
+            "unit's sandbox were not checked; packaging/test-packages.sh proves the unit against "
+            "a stub NVML that opens NVIDIA-like device nodes")
+        return None
+    unit = next((u for u in ("/lib/systemd/system/exalsius-node-agent.service",
+                             "/usr/lib/systemd/system/exalsius-node-agent.service",
+                             "systemd/exalsius-node-agent.service") if os.path.exists(u)))
+    # Readable under ProtectHome/PrivateTmp/ProtectSystem=strict by a dynamic user.
+    run_dir = tempfile.mkdtemp(prefix="exalsius-gpu-check-", dir="/run")
+    os.chmod(run_dir, 0o755)
+    shutil.copy(args.bin, os.path.join(run_dir, "exalsius-node-agent"))
+    with open(os.path.join(run_dir, "agent.toml"), "w") as f:
+        f.write(cfg_text)
+    os.chmod(os.path.join(run_dir, "agent.toml"), 0o644)
+    cmd = ["systemd-run", "--wait", "--pipe", "--collect", "--quiet", "-p", "DynamicUser=yes",
+           *unit_sandbox(unit), os.path.join(run_dir, "exalsius-node-agent"),
+           "--config", os.path.join(run_dir, "agent.toml"), "inventory", "--verbose-json",
+           "--gpu", gpu]
+    if args.root:
+        cmd += ["--root", os.path.abspath(args.root)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    say(f"\nUnder the sandbox of `{unit}` (systemd-run, DynamicUser=yes, "
+        f"{len(unit_sandbox(unit)) // 2} properties): exit {out.returncode}")
+    if out.returncode != 0:
+        fail(f"inventory under the unit's sandbox exited {out.returncode}: {out.stderr.strip()[-400:]}")
+        return []
+    details = json.loads(out.stdout)["details"]
+    for note in details.get("gpu_notes", []):
+        say(f"- note under the sandbox: {note}")
+    return details["gpus"]
+
+
 def daemon(args, cfg, seconds, stop_after=None):
     """Runs `run --dry-run`; returns (peak RSS KiB, refresh ms list, exit code, stop seconds)."""
     proc = subprocess.Popen([args.bin, "--config", cfg, "run", "--dry-run"],
@@ -187,6 +252,17 @@ def main():
     compare(smi_rows, nvml, pci)
     if not failures:
         say(f"\nNVML, the PCI scan and nvidia-smi agree on {len(nvml)} GPU(s).")
+    with open(nvml_cfg) as f:
+        sandboxed = sandboxed_inventory(args, "nvml", f.read())
+    if sandboxed is not None:
+        boxed = agent_rows(sandboxed)
+        table('`inventory --verbose-json` with gpu = "nvml" under the unit\'s sandbox', boxed,
+              ["name", "mib", "uuid", "bus", "source"])
+        if boxed != nvml:
+            fail(f"under the unit's sandbox the agent sees {len(boxed)} GPU(s), outside {len(nvml)}: "
+                 "the unit keeps NVML from the GPUs")
+        else:
+            say(f"\nUnder the unit's sandbox the agent sees the same {len(boxed)} GPU(s).")
 
     # Footprint and refresh timing, side by side in one run.
     hwm_nvml, ms, code1, _ = daemon(args, nvml_cfg, args.seconds)
