@@ -323,3 +323,93 @@ async fn retry_after_never_lets_the_token_expire() {
         "Retry-After: 60 was not cut short"
     );
 }
+
+/// A state file the agent's user cannot read (copied back from a backup as root into the
+/// service's directory): it may hold the only token the API still accepts. The agent neither
+/// replaces nor moves it; it stops with exit 1 (systemd retries), naming the file and the
+/// `chown` that fixes it — and once fixed, it runs on with that token. Needs root to switch to
+/// `nobody`; skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_the_agent_cannot_read_is_kept_and_named() {
+    use std::os::unix::process::CommandExt;
+    if !exalsius_node_agent::perms::is_root() {
+        eprintln!("skipped: needs root to run as nobody");
+        return;
+    }
+    let api = StandIn::start().await;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state_dir = home.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&state_dir, Some(65534), Some(65534)).unwrap();
+    let cfg = home.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[state]\ndir = \"{}\"\n",
+            config_text(&api.url(), ""),
+            state_dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let copy = home.path().join("exalsius-node-agent");
+    std::fs::copy(bin(), &copy).unwrap();
+    let run_once = move || {
+        let mut c = clean_command_for(&copy);
+        c.arg("--config")
+            .arg(&cfg)
+            .args(["run", "--once"])
+            .uid(65534)
+            .gid(65534);
+        c.output().unwrap()
+    };
+    // A first run as the service user: the bootstrap token is used, a rotated one stored, and
+    // the API accepts only that one from now on.
+    let out = tokio::task::spawn_blocking(run_once.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let rotated = api.issued().last().unwrap().clone();
+    api.with(|s| s.accepted = vec![rotated.clone()]);
+    // Restored from a backup as root: root's, 0600.
+    let file = state_dir.join("state.json");
+    std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
+    let before = std::fs::read(&file).unwrap();
+    let seen_before = api.count();
+    let out = tokio::task::spawn_blocking(run_once.clone()).await.unwrap();
+    let all = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a machine fault, not a config error: {all}"
+    );
+    assert!(all.contains(&file.display().to_string()), "{all}");
+    assert!(all.contains("Permission denied"), "{all}");
+    assert!(all.contains("chown 65534:"), "{all}");
+    assert!(!all.contains(&rotated) && !all.contains(BOOT), "{all}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the state file was changed"
+    );
+    assert_eq!(
+        api.count(),
+        seen_before,
+        "no heartbeat with the configured token"
+    );
+    let names: Vec<String> = std::fs::read_dir(&state_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| n == "state.json" || n == "state.lock"),
+        "{names:?}"
+    );
+    // The operator runs the chown: the next start uses the kept token.
+    std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+    let out = tokio::task::spawn_blocking(run_once.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let next = &api.seen()[seen_before];
+    assert_eq!(next.auth.as_deref(), Some(bearer(&rotated).as_str()));
+    assert_eq!(next.status, 200);
+}

@@ -73,6 +73,11 @@ pub enum RunError {
     /// Another process writes this state directory.
     #[error(transparent)]
     Locked(LockError),
+    /// The state directory or file cannot be used as it is now (permissions, a full or
+    /// read-only file system): a fault of the machine, which systemd retries — the state,
+    /// which may hold the only token the API still accepts, is left as it is.
+    #[error("{0}")]
+    State(String),
     /// Stopping so that systemd starts the service again with a device policy that covers
     /// the NVIDIA driver loaded since (`refresh.rs`, `device_policy_restart`).
     #[error("{0}")]
@@ -84,7 +89,8 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::OnceFailed(_)
-            | RunError::Locked(LockError::Held { .. })
+            | RunError::Locked(_)
+            | RunError::State(_)
             | RunError::RestartForDevices(_) => 1,
             _ => crate::config::EX_CONFIG,
         }
@@ -155,14 +161,14 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         (None, Credentials::new(state, None))
     } else {
         let lock = store.lock().map_err(|e| match e {
-            LockError::State(e) => RunError::Credentials(e.to_string()),
+            LockError::State(e) => RunError::State(e.to_string()),
             held => RunError::Locked(held),
         })?;
         let stale = lock.remove_stale_temp_files();
         if stale > 0 {
             info!("removed {stale} temp file(s) left by an interrupted state write");
         }
-        let stored = load_state(&store);
+        let stored = load_state(&store)?;
         let (creds, reason) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
         info!(
             node_id = %creds.state().node_id,
@@ -199,32 +205,51 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
     })
 }
 
-/// Reads the state file (under the lock); an unreadable one, or a symlink or special file in
-/// its place, is moved aside (kept for inspection) and the agent starts fresh rather than
-/// refusing to run.
-fn load_state(store: &StateStore) -> Option<State> {
+/// Reads the state file (under the lock). A file that is not valid state, or a symlink or
+/// special file in its place, is moved aside with its bytes intact (kept for inspection) and
+/// the agent starts fresh. A state file that cannot be read as it is (permission denied, an
+/// I/O error) may hold the only token the API still accepts: it is neither replaced nor moved,
+/// and `run` stops with exit 1 naming the file and the fix (systemd retries).
+fn load_state(store: &StateStore) -> Result<Option<State>, RunError> {
     match store.load() {
         Ok((state, warnings)) => {
             for w in warnings {
                 warn!("{w}");
             }
-            state
+            Ok(state)
         }
         Err(e @ crate::state::StateError::Corrupt { .. }) => {
             let aside = store.quarantine();
             error!("{e}; moved aside to {}; starting fresh", shown(aside));
-            None
+            Ok(None)
         }
         Err(e @ crate::state::StateError::NotAFile { .. }) => {
             let aside = store.move_aside(crate::state::STATE_FILE, "notafile");
             error!("{e}; moved aside to {}; starting fresh", shown(aside));
-            None
+            Ok(None)
         }
-        Err(e) => {
-            error!("{e}; starting from the configured token");
-            None
-        }
+        Err(e) => Err(RunError::State(unreadable_state_message(store, &e))),
     }
+}
+
+/// What to do about a state file that cannot be read: it is kept, and the message says how
+/// to give it back to the user the agent runs as.
+fn unreadable_state_message(store: &StateStore, e: &crate::state::StateError) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let path = store.path();
+    let me = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
+    let owner = std::fs::symlink_metadata(&path).map(|m| (m.uid(), m.mode() & 0o7777));
+    let fix = match owner {
+        Ok((uid, mode)) if uid != me => format!(
+            "it belongs to uid {uid} (mode {mode:04o}), this agent runs as uid {me}: chown {me}: {} (for the packaged service: chown exalsius-agent: {0}; chmod 600 {0})",
+            path.display()
+        ),
+        Ok((_, mode)) => format!("mode {mode:04o}: chmod 600 {}", path.display()),
+        Err(_) => "check the file system".to_string(),
+    };
+    format!(
+        "{e}: it may hold the node's only valid token, so it is kept as it is and the agent does not start; {fix}"
+    )
 }
 
 fn shown(p: Option<std::path::PathBuf>) -> String {
