@@ -339,3 +339,65 @@ async fn a_non_root_register_says_the_service_will_not_see_it() {
     assert!(all.contains("will not see this registration"), "{all}");
     assert!(all.contains("/var/lib/exalsius-node-agent"), "{all}");
 }
+
+/// `register --force` on a full disk: the new state cannot be written, and the old one — the
+/// node's token — is still `state.json` (it used to be renamed to `.bak` first, leaving no
+/// state at all while the message said nothing was imported). The state directory is a
+/// 128 KiB tmpfs, filled, in a mount namespace of its own (root; skipped otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_force_on_a_full_disk_keeps_the_old_state() {
+    if !exalsius_node_agent::perms::is_root()
+        || !std::process::Command::new("unshare")
+            .args(["--mount", "true"])
+            .status()
+            .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: needs root and unshare --mount");
+        return;
+    }
+    let api = StandIn::start().await;
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&api.url()));
+    std::fs::create_dir_all(agent.state_dir()).unwrap();
+    let out_dir = agent.dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let script = r#"
+        set -u
+        mount -t tmpfs -o size=128k,mode=0700 tmpfs "$STATE"
+        "$BIN" --config "$CFG" register --endpoint 192.168.1.1:22 --username ubuntu \
+          --ssh-key-id 123e4567-e89b-12d3-a456-426614174000 --hostname gpu-node-1 >"$OUT/first.log" 2>&1
+        echo "$?" >"$OUT/first.rc"
+        cp "$STATE/state.json" "$OUT/before.json"
+        dd if=/dev/zero of="$STATE/fill" bs=4k 2>/dev/null
+        "$BIN" --config "$CFG" register --force --endpoint 192.168.1.1:22 --username ubuntu \
+          --ssh-key-id 123e4567-e89b-12d3-a456-426614174000 --hostname gpu-node-2 >"$OUT/force.log" 2>&1
+        echo "$?" >"$OUT/force.rc"
+        cp "$STATE/state.json" "$OUT/after.json" 2>/dev/null
+        ls -a "$STATE" >"$OUT/ls"
+    "#;
+    let mut cmd = clean_command_for(std::path::Path::new("unshare"));
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("STATE", agent.state_dir())
+        .env("BIN", bin())
+        .env("CFG", agent.config_path())
+        .env("OUT", &out_dir)
+        .env("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN);
+    let status = tokio::task::spawn_blocking(move || cmd.status().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let read = |n: &str| std::fs::read_to_string(out_dir.join(n)).unwrap_or_default();
+    assert_eq!(read("first.rc").trim(), "0", "{}", read("first.log"));
+    assert_ne!(read("force.rc").trim(), "0", "{}", read("force.log"));
+    assert!(
+        read("force.log").contains("No space left"),
+        "{}",
+        read("force.log")
+    );
+    assert_eq!(
+        read("after.json"),
+        read("before.json"),
+        "state.json must still hold the first registration: {}",
+        read("ls")
+    );
+}

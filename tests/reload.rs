@@ -71,3 +71,35 @@ async fn sighup_changes_the_log_level_the_gpu_mode_and_the_api_url() {
     assert!(!other_state.exists());
     assert!(agent.state_file().exists());
 }
+
+/// An `api.url` with a typo, fixed by `systemctl reload`: the heartbeats then succeed and the
+/// token rotates (the API retires the bootstrap token) — and the next restart (a reboot, an
+/// upgrade) must go on with the rotated token. The state used to stay tied to the typo URL,
+/// so the restart fell back to the retired bootstrap token: 401 for ever, and its first save
+/// overwrote the rotated token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_fixes_the_url_survives_the_next_restart() {
+    let api = StandIn::start().await;
+    let mut agent = Agent::new();
+    // Port 9 (discard) on loopback: connection refused, like a mistyped host.
+    agent.write_config(&config_text("http://127.0.0.1:9/v1", ""));
+    agent.spawn(&[]);
+    agent.wait_output("cannot connect", 10 * SECOND).await;
+    agent.write_config(&config_text(&api.url(), ""));
+    agent.signal("HUP");
+    // boot → r1, then r1 → r2: the bootstrap token is retired.
+    api.wait_requests(3, 10 * SECOND).await;
+    agent.stop();
+    assert_eq!(agent.state_json()["api_url"], api.url().as_str());
+    let before = api.count();
+    agent.spawn(&[]);
+    let seen = api.wait_requests(before + 2, 10 * SECOND).await;
+    agent.stop();
+    let first = &seen[before];
+    assert_ne!(
+        first.auth.as_deref(),
+        Some(format!("Bearer {BOOT}").as_str())
+    );
+    assert_eq!(first.status, 200, "{}", agent.all_output());
+    assert!(seen[before..].iter().all(|s| s.status == 200));
+}

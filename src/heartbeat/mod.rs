@@ -169,7 +169,9 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
             info!("removed {stale} temp file(s) left by an interrupted state write");
         }
         let stored = load_state(&store)?;
+        let previous = stored.clone();
         let (creds, reason) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
+        keep_if_replaced(&store, previous.as_ref(), creds.state());
         info!(
             node_id = %creds.state().node_id,
             api = %cfg.api.url,
@@ -250,6 +252,30 @@ fn unreadable_state_message(store: &StateStore, e: &crate::state::StateError) ->
     format!(
         "{e}: it may hold the node's only valid token, so it is kept as it is and the agent does not start; {fix}"
     )
+}
+
+/// The configured token (or another node) replaces the stored state: the stored one is kept
+/// beside it, bytes intact (`state.json.replaced-<time>`), before the first save overwrites
+/// it — it may be the only token its API still accepts.
+pub(super) fn keep_if_replaced(store: &StateStore, previous: Option<&State>, now: &State) {
+    let Some(previous) = previous else {
+        return;
+    };
+    if previous.access_token == now.access_token && previous.node_id == now.node_id {
+        return;
+    }
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match store.keep_copy(&format!("replaced-{stamp}")) {
+        Ok(Some(copy)) => info!(
+            "the previous state (node {}) is kept as {}",
+            previous.node_id,
+            copy.display()
+        ),
+        Ok(None) => {}
+        Err(e) => warn!("{e}; the previous state will be overwritten by the next save"),
+    }
 }
 
 fn shown(p: Option<std::path::PathBuf>) -> String {

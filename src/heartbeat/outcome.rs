@@ -58,7 +58,12 @@ impl Agent {
         if self.creds.sending() == Sending::Bootstrap {
             info!("the configured access token was accepted");
         }
-        self.creds.on_accepted(success.body.issued, now);
+        if self.creds.on_accepted(success.body.issued, now) {
+            // The stored token is the one this API just issued: the state names the API the
+            // request went to (after a reload that fixed api.url, the running one — not the
+            // URL of the state loaded at start, which a restart would then refuse).
+            self.creds.state_mut().api_url.clone_from(&self.cfg.api.url);
+        }
         self.bodyless_next = false;
         let state = self.creds.state_mut();
         state.last_success_at = Some(now);

@@ -351,18 +351,43 @@ impl StateStore {
     }
 
     /// Keeps the current state file as `state.json.bak` (before `register --force` replaces it).
+    /// A copy (a hard link): `state.json` stays in place until the new state replaces it
+    /// atomically, so a failed write (a full disk) leaves the node's token where it was.
     pub fn backup(&self) -> Result<Option<PathBuf>, StateError> {
+        self.keep_copy("bak")
+    }
+
+    /// Keeps the current state file's bytes as `state.json.<suffix>` (a hard link, swapped in
+    /// atomically over an older copy of that name); `state.json` itself is not touched.
+    /// `Ok(None)` when there is no state file.
+    pub fn keep_copy(&self, suffix: &str) -> Result<Option<PathBuf>, StateError> {
         let path = self.path();
-        let bak = self.dir.join(format!("{STATE_FILE}.bak"));
-        match fs::rename(&path, &bak) {
-            Ok(()) => Ok(Some(bak)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Io {
-                action: "cannot back up",
-                path,
-                source,
-            }),
+        let copy = self.dir.join(format!("{STATE_FILE}.{suffix}"));
+        let staging = self.dir.join(format!(
+            "{TEMP_PREFIX}{suffix}-{}{TEMP_SUFFIX}",
+            std::process::id()
+        ));
+        let _ = fs::remove_file(&staging);
+        match fs::hard_link(&path, &staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Io {
+                    action: "cannot keep a copy of",
+                    path,
+                    source,
+                });
+            }
         }
+        fs::rename(&staging, &copy).map_err(|source| {
+            let _ = fs::remove_file(&staging);
+            StateError::Io {
+                action: "cannot keep a copy of",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        Ok(Some(copy))
     }
 
     /// Moves an unreadable state file aside (kept for inspection) so a fresh one can be written.

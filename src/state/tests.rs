@@ -250,3 +250,39 @@ fn files_root_writes_belong_to_the_directory_owner() {
     StateStore::new(&rootdir).save(&sample()).unwrap();
     assert_eq!(fs::metadata(rootdir.join(STATE_FILE)).unwrap().uid(), 0);
 }
+
+/// `register --force` / `import-legacy --force` keep the old state by copy: `state.json` stays
+/// until the new state replaces it atomically, so a failing write leaves the token in place.
+#[test]
+fn a_backup_is_a_copy_and_state_json_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StateStore::new(tmp.path());
+    assert_eq!(store.backup().unwrap(), None, "nothing to keep yet");
+    let old = sample();
+    store.save(&old).unwrap();
+    let bytes = fs::read(store.path()).unwrap();
+    let bak = store.backup().unwrap().unwrap();
+    assert_eq!(fs::read(&bak).unwrap(), bytes);
+    assert_eq!(
+        fs::read(store.path()).unwrap(),
+        bytes,
+        "state.json is still there"
+    );
+    // A second backup replaces the first copy, never leaving a staging file.
+    let mut newer = sample();
+    newer.access_token = Secret::new("tok-2");
+    store.save(&newer).unwrap();
+    store.backup().unwrap();
+    assert_eq!(
+        store.load().unwrap().0.unwrap().access_token,
+        Secret::new("tok-2")
+    );
+    let text = fs::read_to_string(&bak).unwrap();
+    assert!(text.contains("tok-2"), "{text}");
+    let mut names: Vec<String> = fs::read_dir(store.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["state.json", "state.json.bak"]);
+}
