@@ -85,20 +85,20 @@ ok "under qemu: inventory on 4 fixture hosts valid and equal to x86-64, run --on
 
 say "the binary-level suite against the aarch64 binary"
 # Every test file that drives the agent as a process, with the aarch64 binary (binfmt_misc
-# hands it to qemu-user) and the aarch64 stub NVML (CC). Upper bounds on wall-clock gaps are
-# multiplied by EXALSIUS_TEST_TIME_SCALE, never dropped. Left out, each with its reason:
-#   reliability::soak_…  measures the process's RSS and fds: under qemu those are qemu's;
-#   reliability::wall_clock_jumps_…  LD_PRELOADs the host's x86-64 libfaketime;
-#   reliability::kill_at_random_moments_…  200 restarts: minutes under emulation, the same
-#     code path as the native run (crash consistency is the file system's, not the ISA's).
+# hands it to qemu-user) and the aarch64 stub NVML (EXALSIUS_TEST_CC). Upper bounds on
+# wall-clock gaps are multiplied by EXALSIUS_TEST_TIME_SCALE, never dropped. Left out, each
+# with its reason:
+#   reliability::soak_…, reliability::fifty_megabyte_…  measure the process's RSS (and fds):
+#     under qemu those are qemu's (the translated code alone is more than the bound);
+#   reliability::wall_clock_jumps_…  LD_PRELOADs the host's x86-64 libfaketime.
 started=$(date +%s)
-EXALSIUS_TEST_BIN=$PWD/$BIN EXALSIUS_TEST_TIME_SCALE=${EXALSIUS_TEST_TIME_SCALE:-5} CC=aarch64-linux-gnu-gcc \
+EXALSIUS_TEST_BIN=$PWD/$BIN EXALSIUS_TEST_TIME_SCALE=${EXALSIUS_TEST_TIME_SCALE:-5} EXALSIUS_TEST_CC=aarch64-linux-gnu-gcc \
   cargo test --locked --no-fail-fast \
     --test cli --test credentials --test daemon --test doctor --test gpu --test import_legacy \
     --test metrics --test notify --test register --test reliability --test reload --test stall \
-    -- --test-threads 2 --skip soak_ --skip wall_clock_jumps --skip kill_at_random_moments \
+    -- --test-threads 2 --skip soak_ --skip fifty_megabyte --skip wall_clock_jumps \
   >"$WORK/suite.txt" 2>&1 || true
-grep -E '^test result:|FAILED|panicked' "$WORK/suite.txt" | head -40
+grep -E '^test result:|FAILED|panicked' "$WORK/suite.txt" | head -40 || true
 suite_passed=$(grep -oE '^test result: .* ([0-9]+) passed' "$WORK/suite.txt" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 suite_failed=$(grep -oE '^test result: .* ([0-9]+) failed' "$WORK/suite.txt" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 suite_files=$(grep -c '^test result:' "$WORK/suite.txt" || true)

@@ -313,7 +313,7 @@ fn gpu_off_reports_none() {
 async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
     let api = StandIn::start().await;
     let mut agent = Agent::new();
-    let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
+    let lib = build_agent_nvml(agent.dir.path(), "count=8\n");
     agent.write_config(&nvml_config(&api.url(), &lib, "auto", Some("200ms")));
     agent.spawn(&[]);
     let seen = api.wait_requests(2, Duration::from_secs(10)).await;
@@ -350,7 +350,7 @@ async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
 async fn daemon_heartbeats_when_the_driver_is_not_loaded() {
     let api = StandIn::start().await;
     let mut agent = Agent::new();
-    let lib = build_fake_nvml(agent.dir.path(), "init_result=9\n");
+    let lib = build_agent_nvml(agent.dir.path(), "init_result=9\n");
     agent.write_config(&nvml_config(&api.url(), &lib, "auto", None));
     agent.spawn(&[]);
     let seen = api.wait_requests(3, Duration::from_secs(10)).await;
@@ -367,7 +367,7 @@ async fn daemon_heartbeats_when_the_driver_is_not_loaded() {
 async fn a_gpu_that_falls_off_the_bus_is_logged_and_the_count_drops() {
     let api = StandIn::start().await;
     let mut agent = Agent::new();
-    let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
+    let lib = build_agent_nvml(agent.dir.path(), "count=8\n");
     agent.write_config(&nvml_config(&api.url(), &lib, "nvml", Some("200ms")));
     agent.spawn(&[]);
     api.wait_requests(1, Duration::from_secs(10)).await;
@@ -526,7 +526,7 @@ fn no_memory_call_works_then_the_table_else_zero_never_dropped() {
 async fn mig_reports_physical_gpus_and_logs_the_mode_once() {
     let api = StandIn::start().await;
     let mut agent = Agent::new();
-    let lib = build_fake_nvml(agent.dir.path(), "count=8\nmig_index=2\n");
+    let lib = build_agent_nvml(agent.dir.path(), "count=8\nmig_index=2\n");
     agent.write_config(
         &nvml_config(&api.url(), &lib, "nvml", Some("100ms"))
             .replace("level = \"debug\"", "level = \"info\""),

@@ -19,7 +19,7 @@ async fn sighup_changes_the_log_level_the_gpu_mode_and_the_api_url() {
     let first = StandIn::start().await;
     let second = StandIn::start().await;
     let mut agent = Agent::new();
-    let lib = build_fake_nvml(agent.dir.path(), "count=8\n");
+    let lib = build_agent_nvml(agent.dir.path(), "count=8\n");
     agent.write_config(
         &config_text(&first.url(), "").replace("level = \"debug\"", "level = \"info\""),
     );

@@ -647,8 +647,16 @@ fn check_int32(schema: &serde_json::Value, v: &serde_json::Value) {
 
 /// Compiles `tests/support/fake_nvml.c` into `dir/libnvidia-ml.so.1` with the machine's C
 /// compiler and writes its config (`fake_nvml.conf`, beside it).
+/// For the test process itself (in-process collectors load it).
 pub fn build_fake_nvml(dir: &Path, conf: &str) -> PathBuf {
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    build_fake_nvml_with("cc", dir, conf)
+}
+
+/// Like [`build_fake_nvml`], for the agent binary under test to load: built by
+/// `EXALSIUS_TEST_CC` when set (the aarch64 run: `aarch64-linux-gnu-gcc`; not `CC`, which would
+/// also build the tests' own C dependencies for the wrong machine).
+pub fn build_agent_nvml(dir: &Path, conf: &str) -> PathBuf {
+    let cc = std::env::var("EXALSIUS_TEST_CC").unwrap_or_else(|_| "cc".to_string());
     build_fake_nvml_with(&cc, dir, conf)
 }
 
