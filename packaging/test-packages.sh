@@ -553,6 +553,29 @@ url = "http://127.0.0.1:$port/v1"
 interval = "1s"
 jitter = 0.0
 EOF
+# First with `systemctl disable` failing after `stop` worked (a read-only timers.target.wants):
+# the import must start the legacy timer again, change nothing, and the postinst say so.
+inside mount --bind /etc/systemd/system/timers.target.wants /etc/systemd/system/timers.target.wants
+inside mount -o remount,ro,bind /etc/systemd/system/timers.target.wants
+inside apt-get install -y -q -o Dpkg::Options::=--force-confold /mnt/pkg/"$(basename "$DEB")" >"$WORK/apt-legacy-fail.log" 2>&1 \
+  || { cat "$WORK/apt-legacy-fail.log"; die "apt-get install with a failing disable"; }
+inside umount /etc/systemd/system/timers.target.wants
+grep -q "is enabled and running again" "$WORK/apt-legacy-fail.log" || { cat "$WORK/apt-legacy-fail.log"; die "import-legacy did not say it restarted the legacy timer"; }
+grep -q "client-hw-info keeps running (its timer is active)" "$WORK/apt-legacy-fail.log" || { cat "$WORK/apt-legacy-fail.log"; die "the postinst did not say client-hw-info keeps running"; }
+[ "$(inside systemctl is-active client-hw-info.timer || true)" = active ] || die "legacy timer left stopped after a failed import"
+inside test -f /root/.config/exalsius/config.env || die "config.env renamed although nothing was imported"
+inside test ! -e /var/lib/exalsius-node-agent/state.json || die "state written although the import failed"
+inside apt-get purge -y -q exalsius-node-agent >/dev/null 2>&1 || die "purge after the failed import"
+inside mkdir -p /etc/exalsius
+inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
+[api]
+url = "http://127.0.0.1:$port/v1"
+
+[heartbeat]
+interval = "1s"
+jitter = 0.0
+EOF
+ok "a failed disable after a working stop: the legacy timer runs again, nothing imported, and the postinst says so"
 : >"$API_LOG"
 inside apt-get install -y -q -o Dpkg::Options::=--force-confold /mnt/pkg/"$(basename "$DEB")" >"$WORK/apt-legacy.log" 2>&1 \
   || { cat "$WORK/apt-legacy.log"; die "apt-get install over client-hw-info"; }

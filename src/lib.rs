@@ -22,3 +22,4 @@ pub mod secret;
 pub mod shutdown;
 pub mod state;
 pub mod systemd;
+pub mod text;

@@ -57,7 +57,9 @@ pub fn ready() {
 
 /// One line for `systemctl status`.
 pub fn status(line: &str) {
-    send(&[NotifyState::Status(line)]);
+    // The last gate: one assignment, whatever the line holds.
+    let line = crate::text::one_line(line, 400);
+    send(&[NotifyState::Status(&line)]);
 }
 
 /// SIGHUP received: re-reading the configuration.

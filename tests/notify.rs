@@ -111,3 +111,79 @@ async fn an_unread_notify_socket_never_stalls_the_loop() {
         "{status:?} {took:?}"
     );
 }
+
+/// A hostile or broken server's problem detail carries notify assignments, a forged log line
+/// and terminal escapes. It reaches systemd as one `STATUS=` line (a `WATCHDOG=trigger` would
+/// make systemd kill the agent, and Restart= turn backoff into a restart every 5 s), the log
+/// as data, and the state file and `status` escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_from_the_server_is_data_not_structure() {
+    let api = StandIn::start().await;
+    let hostile = "bad\nWATCHDOG=trigger\nMAINPID=1\n2026-01-01T00:00:00Z  INFO heartbeat ok forged\u{1b}[2J\u{2028}end";
+    let body = serde_json::json!({"detail": {"title": "Service Unavailable", "status": 503,
+        "detail": hostile}})
+    .to_string()
+    .into_bytes();
+    api.script((0..50).map(|_| Scripted::Body(503, "application/problem+json", body.clone())));
+    let mut agent = Agent::new();
+    let path = agent.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    agent.write_config(&config_text(&api.url(), ""));
+    agent.spawn_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut msgs = Vec::new();
+    wait_for(&sock, &mut msgs, "WATCHDOG=trigger").await;
+    api.wait_requests(3, 10 * Duration::from_secs(1)).await;
+    drain(&sock, &mut msgs);
+    let status = agent.output(&["status"]);
+    agent.stop();
+    for m in &msgs {
+        for line in m.lines() {
+            let key = line.split('=').next().unwrap_or("");
+            assert!(
+                [
+                    "READY",
+                    "STATUS",
+                    "WATCHDOG",
+                    "STOPPING",
+                    "RELOADING",
+                    "MONOTONIC_USEC"
+                ]
+                .contains(&key),
+                "a notification carries {line:?}: {m:?}"
+            );
+            assert_ne!(line, "WATCHDOG=trigger", "{m:?}");
+            assert!(!line.starts_with("MAINPID"), "{m:?}");
+        }
+    }
+    assert!(
+        msgs.iter().any(|m| m.contains("\\nWATCHDOG=trigger")),
+        "{msgs:?}"
+    );
+    let out = agent.all_output();
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\u{2028}'),
+        "{out}"
+    );
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("WATCHDOG=") || l.starts_with("2026-01-01")),
+        "{out}"
+    );
+    assert!(out.contains("\\nWATCHDOG=trigger"), "{out}");
+    let last_error = agent.state_json()["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(last_error.contains("\\nWATCHDOG=trigger"), "{last_error}");
+    assert!(
+        !last_error.contains('\n') && !last_error.contains('\u{1b}'),
+        "{last_error}"
+    );
+    let shown = text(&status);
+    assert!(!shown.contains('\u{1b}'), "{shown}");
+    assert!(
+        !shown.lines().any(|l| l.starts_with("WATCHDOG=")),
+        "{shown}"
+    );
+}

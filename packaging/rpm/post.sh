@@ -11,7 +11,11 @@ if [ "$1" -eq 1 ] && [ ! -e /var/lib/exalsius-node-agent/state.json ] \
     && { [ -e /etc/systemd/system/client-hw-info.timer ] || [ -e /usr/lib/systemd/system/client-hw-info.timer ]; }; then
     echo "exalsius-node-agent: client-hw-info is installed: taking over its node (exalsius-node-agent import-legacy)"
     if ! exalsius-node-agent import-legacy; then
-        echo "exalsius-node-agent: import-legacy did not complete (see above); nothing was changed and client-hw-info keeps running."
+        if systemctl is-active --quiet client-hw-info.timer 2>/dev/null; then
+            echo "exalsius-node-agent: import-legacy did not complete (see above); client-hw-info keeps running (its timer is active)."
+        else
+            echo "exalsius-node-agent: import-legacy did not complete (see above) and client-hw-info.timer is NOT active: this node sends no heartbeats; run: systemctl enable --now client-hw-info.timer"
+        fi
         echo "exalsius-node-agent: fix it, then run: exalsius-node-agent import-legacy && systemctl restart exalsius-node-agent"
     fi
 fi

@@ -2,11 +2,12 @@
 //! classification of every answer into an [`Outcome`] the heartbeat loop can act on.
 
 use super::problem::Problem;
-use super::transport::{BodyError, phase_message, read_limited, transport_error, truncate};
+use super::transport::{BodyError, phase_message, read_limited, transport_error};
 pub use super::transport::{MAX_RETRY_AFTER, retry_after};
 use super::types::{Answer, TokenResponse};
 use crate::config::ApiConfig;
 use crate::secret::Secret;
+use crate::text::one_line;
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_TYPE, DATE, HeaderValue, LOCATION, RETRY_AFTER,
 };
@@ -17,6 +18,9 @@ use std::time::{Duration, Instant, SystemTime};
 /// Response bodies larger than this are refused: the real answer is a few hundred bytes, and a
 /// hostile or broken server must not make the agent allocate without bound.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A failure's message at most this long: the phase, the status and the server's own words.
+const MAX_MESSAGE_CHARS: usize = 1000;
 
 /// `User-Agent` of every request.
 pub fn user_agent() -> String {
@@ -63,11 +67,13 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// The message is one line however it was made (it carries the server's words, and goes
+    /// to the log, the state file, `STATUS=` and `status`).
     fn new(kind: FailureKind, status: Option<u16>, message: impl Into<String>) -> Self {
         Self {
             kind,
             status,
-            message: message.into(),
+            message: crate::text::one_line(&message.into(), MAX_MESSAGE_CHARS),
             retry_after: None,
         }
     }
@@ -305,11 +311,11 @@ fn failure(
     if status.is_redirection() {
         message.push_str(": redirect not followed");
         if let Some(loc) = location {
-            message.push_str(&format!(" (Location: {})", truncate(&loc, 200)));
+            message.push_str(&format!(" (Location: {})", one_line(&loc, 200)));
         }
     }
     if let Some(problem) = body.and_then(Problem::parse) {
-        message.push_str(&format!(": {}", truncate(&problem.to_string(), 500)));
+        message.push_str(&format!(": {}", one_line(&problem.to_string(), 500)));
     }
     let mut failure = Failure::new(classify(status), Some(code), message);
     failure.retry_after = retry_after;

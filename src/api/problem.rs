@@ -24,9 +24,11 @@ struct Fields {
     detail: Option<Value>,
 }
 
+/// A title or detail, as one bounded line ([`crate::text::one_line`]): the server's words are
+/// printed by `register`, logged, and sent to systemd.
 fn text(v: Option<Value>) -> Option<String> {
     match v {
-        Some(Value::String(s)) if !s.trim().is_empty() => Some(s),
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(crate::text::one_line(&s, 500)),
         _ => None,
     }
 }

@@ -134,13 +134,3 @@ pub(super) fn transport_error(e: &reqwest::Error) -> String {
     }
     msg
 }
-
-pub(super) fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(max).collect();
-        t.push('…');
-        t
-    }
-}

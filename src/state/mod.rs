@@ -174,7 +174,8 @@ impl From<StateFile> for State {
             last_attempt_at: parse_time(&f.last_attempt_at),
             last_success_at: parse_time(&f.last_success_at),
             consecutive_failures: f.consecutive_failures,
-            last_error: f.last_error,
+            // Read back from a file anyone with root may have edited: one line, as written.
+            last_error: f.last_error.map(|e| crate::text::one_line(&e, 1000)),
             description: f.description,
         }
     }

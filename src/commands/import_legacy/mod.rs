@@ -68,10 +68,21 @@ impl Units {
     }
 
     /// Stops the timer and the service (waiting for a run in progress) and disables the timer.
+    /// On any failure the timer is enabled and started again before the error is returned
+    /// (a stop that worked followed by a disable that failed must not leave the node with
+    /// neither agent running); the error says whether that worked.
     fn stop_and_disable(&self) -> Result<(), String> {
-        Self::systemctl(&["stop", LEGACY_TIMER, LEGACY_SERVICE])?;
-        Self::systemctl(&["disable", LEGACY_TIMER])?;
-        Ok(())
+        let result = Self::systemctl(&["stop", LEGACY_TIMER, LEGACY_SERVICE])
+            .and_then(|_| Self::systemctl(&["disable", LEGACY_TIMER]));
+        let Err(e) = result else {
+            return Ok(());
+        };
+        Err(match self.restore() {
+            Ok(()) => format!("{e}; {LEGACY_TIMER} is enabled and running again"),
+            Err(r) => format!(
+                "{e}; and {LEGACY_TIMER} could not be started again ({r}): this node sends no heartbeats until one of the two runs (systemctl enable --now {LEGACY_TIMER})"
+            ),
+        })
     }
 
     /// Undoes `stop_and_disable` (the import failed after it).
@@ -208,7 +219,7 @@ impl Import<'_> {
             (true, true) => {
                 self.units.stop_and_disable().map_err(|e| {
                     Failure::runtime(format!(
-                        "{e}; nothing was imported (two programs must never rotate one token): stop {LEGACY_TIMER} yourself and run import-legacy again"
+                        "{e}; nothing was imported (two programs must never rotate one token): fix that, then run import-legacy again"
                     ))
                 })?;
                 println!("stopped and disabled {LEGACY_TIMER} (and stopped {LEGACY_SERVICE})");
