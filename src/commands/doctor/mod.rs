@@ -95,13 +95,15 @@ pub fn render(checks: &[Check]) -> String {
     let width = checks.iter().map(|c| c.check.len()).max().unwrap_or(0);
     let mut s = String::new();
     for c in checks {
+        // Findings quote servers, certificates and files: one line each, whatever they hold.
         s.push_str(&format!(
             "{} {:<width$}  {}\n",
             c.status.mark(),
             c.check,
-            c.finding
+            crate::text::one_line(&c.finding, 2000)
         ));
         if let Some(h) = &c.hint {
+            let h = crate::text::one_line(h, 2000);
             s.push_str(&format!("  {:<width$}  → {h}\n", ""));
         }
     }
