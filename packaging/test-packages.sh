@@ -569,8 +569,9 @@ inside systemctl start client-hw-info.service
 inside test -s /var/log/client-hw-info.runs || die "the fake legacy tool did not run"
 [ "$(inside systemctl is-active client-hw-info.timer)" = active ] || die "legacy timer not active"
 # The operator's config management put the agent's config in place first (api.url only).
-inside mkdir -p /etc/exalsius
-inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
+operator_config() {
+  inside mkdir -p /etc/exalsius
+  inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
 [api]
 url = "http://127.0.0.1:$port/v1"
 
@@ -578,6 +579,8 @@ url = "http://127.0.0.1:$port/v1"
 interval = "1s"
 jitter = 0.0
 EOF
+}
+operator_config
 # First with `systemctl disable` failing after `stop` worked (a read-only timers.target.wants):
 # the import must start the legacy timer again, change nothing, and the postinst say so.
 inside mount --bind /etc/systemd/system/timers.target.wants /etc/systemd/system/timers.target.wants
@@ -591,15 +594,7 @@ grep -q "client-hw-info keeps running (its timer is active)" "$WORK/apt-legacy-f
 inside test -f /root/.config/exalsius/config.env || die "config.env renamed although nothing was imported"
 inside test ! -e /var/lib/exalsius-node-agent/state.json || die "state written although the import failed"
 inside apt-get purge -y -q exalsius-node-agent >/dev/null 2>&1 || die "purge after the failed import"
-inside mkdir -p /etc/exalsius
-inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
-[api]
-url = "http://127.0.0.1:$port/v1"
-
-[heartbeat]
-interval = "1s"
-jitter = 0.0
-EOF
+operator_config
 ok "a failed disable after a working stop: the legacy timer runs again, nothing imported, and the postinst says so"
 : >"$API_LOG"
 inside apt-get install -y -q -o Dpkg::Options::=--force-confold /mnt/pkg/"$(basename "$DEB")" >"$WORK/apt-legacy.log" 2>&1 \

@@ -331,39 +331,24 @@ async fn retry_after_never_lets_the_token_expire() {
 /// `nobody`; skipped otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_file_the_agent_cannot_read_is_kept_and_named() {
-    use std::os::unix::process::CommandExt;
-    if !exalsius_node_agent::perms::is_root() {
-        eprintln!("skipped: needs root to run as nobody");
+    let Some(home) = NobodyHome::new() else {
         return;
-    }
+    };
     let api = StandIn::start().await;
-    let home = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state_dir = home.path().join("state");
+    let state_dir = home.dir.path().join("state");
     std::fs::create_dir(&state_dir).unwrap();
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::os::unix::fs::chown(&state_dir, Some(65534), Some(65534)).unwrap();
-    let cfg = home.path().join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{}\n[state]\ndir = \"{}\"\n",
-            config_text(&api.url(), ""),
-            state_dir.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let copy = home.path().join("exalsius-node-agent");
-    std::fs::copy(bin(), &copy).unwrap();
+    std::os::unix::fs::chown(&state_dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let cfg = home.write_config(&format!(
+        "{}\n[state]\ndir = \"{}\"\n",
+        config_text(&api.url(), ""),
+        state_dir.display()
+    ));
+    let bin_copy = home.bin.clone();
     let run_once = move || {
-        let mut c = clean_command_for(&copy);
-        c.arg("--config")
-            .arg(&cfg)
-            .args(["run", "--once"])
-            .uid(65534)
-            .gid(65534);
-        c.output().unwrap()
+        as_nobody(&bin_copy, &cfg, &["run", "--once"])
+            .output()
+            .unwrap()
     };
     // A first run as the service user: the bootstrap token is used, a rotated one stored, and
     // the API accepts only that one from now on.
@@ -406,7 +391,7 @@ async fn a_state_file_the_agent_cannot_read_is_kept_and_named() {
         "{names:?}"
     );
     // The operator runs the chown: the next start uses the kept token.
-    std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&file, Some(NOBODY), Some(NOBODY)).unwrap();
     let out = tokio::task::spawn_blocking(run_once.clone()).await.unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let next = &api.seen()[seen_before];

@@ -305,35 +305,20 @@ async fn register_refuses_before_the_post_when_the_state_cannot_be_written() {
 /// to `nobody` (CI runs as root); skipped otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_root_register_says_the_service_will_not_see_it() {
-    use std::os::unix::process::CommandExt;
-    if !exalsius_node_agent::perms::is_root() {
-        eprintln!("skipped: needs root to run as nobody");
+    let Some(home) = NobodyHome::new() else {
         return;
-    }
+    };
     let api = StandIn::start().await;
-    let home = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::chown(home.path(), Some(65534), Some(65534)).unwrap();
-    let cfg = home.path().join("agent.toml");
-    std::fs::write(&cfg, bare_config(&api.url())).unwrap();
-    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // A copy nobody can reach whatever the permissions of the checkout's directories.
-    let copy = home.path().join("exalsius-node-agent");
-    std::fs::copy(bin(), &copy).unwrap();
-    let mut cmd = clean_command_for(&copy);
-    cmd.arg("--config")
-        .arg(&cfg)
-        .args(register_args(&[]))
-        .env("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)
-        .env("HOME", home.path())
+    let cfg = home.write_config(&bare_config(&api.url()));
+    let mut cmd = home.command(&cfg, &register_args(&[]));
+    cmd.env("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)
+        .env("HOME", home.dir.path())
         .env_remove("XDG_STATE_HOME")
-        .env_remove("STATE_DIRECTORY")
-        .uid(65534)
-        .gid(65534);
+        .env_remove("STATE_DIRECTORY");
     let out = cmd.output().unwrap();
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
-    let dir = home.path().join(".local/state/exalsius-node-agent");
+    let dir = home.dir.path().join(".local/state/exalsius-node-agent");
     assert!(dir.join("state.json").exists(), "{all}");
     assert!(all.contains(&dir.display().to_string()), "{all}");
     assert!(all.contains("will not see this registration"), "{all}");

@@ -363,6 +363,59 @@ pub fn clean_command_for(bin: &Path) -> Command {
     c
 }
 
+/// The uid and gid of `nobody`, the stand-in for the packaged service's user.
+pub const NOBODY: u32 = 65534;
+
+/// A directory to run the agent as `nobody` from: 0755, owned by `nobody`, with a copy of the
+/// binary nobody can reach whatever the permissions of the checkout's directories. `None`
+/// (the test says "skipped") unless the tests run as root.
+pub struct NobodyHome {
+    pub dir: tempfile::TempDir,
+    pub bin: PathBuf,
+}
+
+impl NobodyHome {
+    pub fn new() -> Option<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        if !exalsius_node_agent::perms::is_root() {
+            eprintln!("skipped: needs root to run as nobody");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+        let bin_copy = dir.path().join("exalsius-node-agent");
+        std::fs::copy(bin(), &bin_copy).unwrap();
+        Some(Self { dir, bin: bin_copy })
+    }
+
+    /// Writes `agent.toml` there (0644, so nobody can read it); returns its path.
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let cfg = self.dir.path().join("agent.toml");
+        std::fs::write(&cfg, text).unwrap();
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+        cfg
+    }
+
+    /// The copy of the binary, to run as `nobody`, with `--config` and `args`.
+    pub fn command(&self, cfg: &Path, args: &[&str]) -> Command {
+        as_nobody(&self.bin, cfg, args)
+    }
+}
+
+/// `bin --config cfg args…` as `nobody`, with none of the caller's agent variables.
+pub fn as_nobody(bin: &Path, cfg: &Path, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = clean_command_for(bin);
+    c.arg("--config")
+        .arg(cfg)
+        .args(args)
+        .uid(NOBODY)
+        .gid(NOBODY);
+    c
+}
+
 /// A finished command's stdout and stderr, as one text (for assertions and their messages).
 pub fn text(o: &std::process::Output) -> String {
     format!(
