@@ -13,6 +13,7 @@ mod refresh;
 mod reload;
 pub mod schedule;
 pub mod sender;
+mod stored;
 
 pub use credentials::{AfterRejection, Credentials, Sending};
 pub use schedule::{
@@ -168,10 +169,10 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         if stale > 0 {
             info!("removed {stale} temp file(s) left by an interrupted state write");
         }
-        let stored = load_state(&store)?;
+        let stored = stored::load(&store)?;
         let previous = stored.clone();
         let (creds, reason) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
-        keep_if_replaced(&store, previous.as_ref(), creds.state());
+        stored::keep_if_replaced(&store, previous.as_ref(), creds.state());
         info!(
             node_id = %creds.state().node_id,
             api = %cfg.api.url,
@@ -205,84 +206,6 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         sent_at: Instant::now(),
         restart_for_devices: None,
     })
-}
-
-/// Reads the state file (under the lock). A file that is not valid state, or a symlink or
-/// special file in its place, is moved aside with its bytes intact (kept for inspection) and
-/// the agent starts fresh. A state file that cannot be read as it is (permission denied, an
-/// I/O error) may hold the only token the API still accepts: it is neither replaced nor moved,
-/// and `run` stops with exit 1 naming the file and the fix (systemd retries).
-fn load_state(store: &StateStore) -> Result<Option<State>, RunError> {
-    match store.load() {
-        Ok((state, warnings)) => {
-            for w in warnings {
-                warn!("{w}");
-            }
-            Ok(state)
-        }
-        Err(e @ crate::state::StateError::Corrupt { .. }) => {
-            let aside = store.quarantine();
-            error!("{e}; moved aside to {}; starting fresh", shown(aside));
-            Ok(None)
-        }
-        Err(e @ crate::state::StateError::NotAFile { .. }) => {
-            let aside = store.move_aside(crate::state::STATE_FILE, "notafile");
-            error!("{e}; moved aside to {}; starting fresh", shown(aside));
-            Ok(None)
-        }
-        Err(e) => Err(RunError::State(unreadable_state_message(store, &e))),
-    }
-}
-
-/// What to do about a state file that cannot be read: it is kept, and the message says how
-/// to give it back to the user the agent runs as.
-fn unreadable_state_message(store: &StateStore, e: &crate::state::StateError) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let path = store.path();
-    let me = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
-    let owner = std::fs::symlink_metadata(&path).map(|m| (m.uid(), m.mode() & 0o7777));
-    let fix = match owner {
-        Ok((uid, mode)) if uid != me => format!(
-            "it belongs to uid {uid} (mode {mode:04o}), this agent runs as uid {me}: chown {me}: {} (for the packaged service: chown exalsius-agent: {0}; chmod 600 {0})",
-            path.display()
-        ),
-        Ok((_, mode)) => format!("mode {mode:04o}: chmod 600 {}", path.display()),
-        Err(_) => "check the file system".to_string(),
-    };
-    format!(
-        "{e}: it may hold the node's only valid token, so it is kept as it is and the agent does not start; {fix}"
-    )
-}
-
-/// The configured token (or another node) replaces the stored state: the stored one is kept
-/// beside it, bytes intact (`state.json.replaced-<time>`), before the first save overwrites
-/// it — it may be the only token its API still accepts.
-pub(super) fn keep_if_replaced(store: &StateStore, previous: Option<&State>, now: &State) {
-    let Some(previous) = previous else {
-        return;
-    };
-    if previous.access_token == now.access_token && previous.node_id == now.node_id {
-        return;
-    }
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    match store.keep_copy(&format!("replaced-{stamp}")) {
-        Ok(Some(copy)) => info!(
-            "the previous state (node {}) is kept as {}",
-            previous.node_id,
-            copy.display()
-        ),
-        Ok(None) => {}
-        Err(e) => warn!("{e}; the previous state will be overwritten by the next save"),
-    }
-}
-
-fn shown(p: Option<std::path::PathBuf>) -> String {
-    p.map_or_else(
-        || "(could not move)".to_string(),
-        |p| p.display().to_string(),
-    )
 }
 
 /// What the loop does next after an attempt.

@@ -43,7 +43,11 @@ impl Agent {
                 Ok(changed) => {
                     if let Some(why) = changed {
                         info!(node_id = %creds.state().node_id, "reload: {why}");
-                        keep_if_replaced(&self.store, Some(self.creds.state()), creds.state());
+                        stored::keep_if_replaced(
+                            &self.store,
+                            Some(self.creds.state()),
+                            creds.state(),
+                        );
                     }
                     self.creds = creds;
                 }

@@ -1,0 +1,88 @@
+//! GPU summary and naming tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::*;
+
+fn gpu(i: u32, vendor: Vendor, name: &str, gib: u64) -> Gpu {
+    Gpu {
+        index: i,
+        vendor,
+        name: name.into(),
+        memory_bytes: Some(gib << 30),
+        uuid: None,
+        bus_id: format!("0000:{i:02x}:00.0"),
+        mig_enabled: None,
+        source: "pci",
+        driver: None,
+    }
+}
+
+#[test]
+fn none_is_unknown() {
+    let s = summarise(&[]);
+    assert_eq!(
+        (s.count, s.vendor.as_str(), s.model.as_str(), s.memory_gib),
+        (0, "UNKNOWN", "UNKNOWN", 0)
+    );
+}
+
+#[test]
+fn most_common_model_wins() {
+    let gpus = vec![
+        gpu(0, Vendor::Nvidia, "NVIDIA L4", 22),
+        gpu(1, Vendor::Nvidia, "NVIDIA H100 80GB HBM3", 80),
+        gpu(2, Vendor::Nvidia, "NVIDIA H100 80GB HBM3", 80),
+    ];
+    let s = summarise(&gpus);
+    assert_eq!(s.count, 3);
+    assert_eq!(s.model, "H100 80GB HBM3");
+    assert_eq!(s.memory_gib, 80);
+    assert!(s.mixed);
+}
+
+#[test]
+fn the_model_is_sent_without_the_vendor_name() {
+    for (vendor, full, model) in [
+        (Vendor::Nvidia, "NVIDIA H100 80GB HBM3", "H100 80GB HBM3"),
+        (Vendor::Nvidia, "NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"),
+        (Vendor::Nvidia, "nvidia L4", "L4"),
+        (
+            Vendor::Nvidia,
+            "Tesla V100-SXM2-16GB",
+            "Tesla V100-SXM2-16GB",
+        ),
+        (Vendor::Nvidia, "NVIDIA", "NVIDIA"),
+        (Vendor::Nvidia, "NVIDIA ", "NVIDIA"),
+        (Vendor::Nvidia, "NVIDIAX 1", "NVIDIAX 1"),
+        (Vendor::Amd, "AMD Instinct MI300X", "Instinct MI300X"),
+        (
+            Vendor::Amd,
+            "AMD Instinct MI250X/MI250",
+            "Instinct MI250X/MI250",
+        ),
+        (
+            Vendor::Intel,
+            "Intel(R) Data Center GPU Max 1550",
+            "Data Center GPU Max 1550",
+        ),
+        (Vendor::Intel, "Intel Arc A770", "Arc A770"),
+        (Vendor::Nvidia, "NVIDIA device 28e0", "device 28e0"),
+        (Vendor::Nvidia, "NVIDIAé", "NVIDIAé"),
+    ] {
+        assert_eq!(vendor.model_of(full), model, "{full}");
+    }
+    let s = summarise(&[gpu(0, Vendor::Nvidia, "NVIDIA H100 80GB HBM3", 80)]);
+    assert_eq!(
+        (s.vendor.as_str(), s.model.as_str()),
+        ("NVIDIA", "H100 80GB HBM3")
+    );
+}
+
+#[test]
+fn tie_goes_to_first_found() {
+    let gpus = vec![
+        gpu(0, Vendor::Amd, "MI300X", 192),
+        gpu(1, Vendor::Nvidia, "L4", 22),
+    ];
+    assert_eq!(summarise(&gpus).vendor, "AMD");
+}
