@@ -9,7 +9,13 @@ use std::path::Path;
 
 /// True when this process runs as root (the owner of `/proc/self` is the effective user).
 pub fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    current_uid() == Some(0)
+}
+
+/// The effective uid: `/proc/self` belongs to it (no `unsafe` getuid needed). `None` without
+/// `/proc`.
+pub fn current_uid() -> Option<u32> {
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
 /// Opens `path` for reading without following a symlink in its last component and without

@@ -36,7 +36,7 @@ pub(super) fn load(store: &StateStore) -> Result<Option<State>, RunError> {
 fn unreadable_state_message(store: &StateStore, e: &crate::state::StateError) -> String {
     use std::os::unix::fs::MetadataExt;
     let path = store.path();
-    let me = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
+    let me = crate::perms::current_uid().unwrap_or(u32::MAX);
     let owner = std::fs::symlink_metadata(&path).map(|m| (m.uid(), m.mode() & 0o7777));
     let fix = match owner {
         Ok((uid, mode)) if uid != me => format!(

@@ -182,7 +182,7 @@ pub fn no_permission_advice(node: Option<(u32, u32, u32)>) -> String {
              NVreg_DeviceFileMode=0666) or give the service that group (SupplementaryGroups= \
              in a drop-in) — {RETRY}",
             mode & 0o7777,
-            current_uid()
+            crate::perms::current_uid().map_or_else(|| "?".to_string(), |u| u.to_string())
         ),
     }
 }
@@ -190,12 +190,6 @@ pub fn no_permission_advice(node: Option<(u32, u32, u32)>) -> String {
 /// Read-write for everyone: the NVIDIA driver's default for its nodes.
 fn world_accessible(mode: u32) -> bool {
     mode & 0o006 == 0o006
-}
-
-/// The effective uid: `/proc/self` belongs to it (no `unsafe` getuid needed).
-fn current_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
 }
 
 fn cuda_text(v: i32) -> String {
