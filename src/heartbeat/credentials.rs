@@ -12,6 +12,12 @@
 //!   schedule ([`Credentials::on_rejected`]).
 //! - A stored token that looks expired by the wall clock is still tried first: the clock can
 //!   be wrong early at boot, and only the API knows.
+//! - A token is sent only once it is on disk: while the state cannot be saved (a full disk),
+//!   the last saved token keeps going out ([`Credentials::on_saved`]). A careful API retires
+//!   older tokens when a newer one is used, so using an unsaved token would leave the disk
+//!   with a retired one — and a crash or restart then loses the node. A 401 meanwhile is
+//!   handled as any other (a blip must not make the agent use the unsaved one); an API that
+//!   retires a token when it issues the next one gets the newest as soon as a save works.
 
 use crate::api::Issued;
 use crate::config::Config;
@@ -46,6 +52,9 @@ pub struct Credentials {
     sending: Sending,
     /// The immediate fallback was used since the last success.
     fell_back: bool,
+    /// The last token known to be on disk (or in the configuration), while the newer stored
+    /// one is not saved yet: it is what goes out until a save works.
+    saved: Option<Secret>,
 }
 
 /// The one path from an API answer to a stored token: the new token, its type and expiry
@@ -77,16 +86,21 @@ impl Credentials {
                     Some(s) if s.node_id != *node_id => {
                         "state is for another node: starting from the configured token"
                     }
-                    Some(s) if s.api_url != cfg.api.url => {
-                        "state is for another API URL: starting from the configured token"
-                    }
                     Some(s) if s.bootstrap_token_sha256.as_deref() != Some(sha.as_str()) => {
                         "the configured token changed: starting from it"
                     }
+                    // Same node, same configured token, another URL: a typo fixed, an alias, a
+                    // proxy — the same API. The stored token goes with it (the configured one
+                    // stays the fallback after a 401); starting from the configured token
+                    // would send one the API retired at the first rotation.
+                    Some(s) if s.api_url != cfg.api.url => CARRIED_OVER,
                     Some(_) => USING_STORED,
                 };
                 let state = match stored {
-                    Some(s) if reason == USING_STORED => s,
+                    Some(mut s) if reason == USING_STORED || reason == CARRIED_OVER => {
+                        s.api_url.clone_from(&cfg.api.url);
+                        s
+                    }
                     _ => State::new(*node_id, &cfg.api.url, token.clone(), Some(token)),
                 };
                 Ok((Self::new(state, Some(token.clone())), reason))
@@ -132,6 +146,7 @@ impl Credentials {
             bootstrap,
             sending: Sending::Stored,
             fell_back: false,
+            saved: None,
         }
     }
 
@@ -144,6 +159,7 @@ impl Credentials {
             && next.state.node_id == self.state.node_id
         {
             self.bootstrap = next.bootstrap;
+            self.state.api_url = next.state.api_url;
             if self.bootstrap.is_none() {
                 self.sending = Sending::Stored;
             }
@@ -155,10 +171,21 @@ impl Credentials {
 
     /// The token to send next.
     pub fn token(&self) -> &Secret {
-        match (self.sending, &self.bootstrap) {
-            (Sending::Bootstrap, Some(b)) => b,
+        match (self.sending, &self.bootstrap, &self.saved) {
+            (Sending::Bootstrap, Some(b), _) => b,
+            (_, _, Some(saved)) => saved,
             _ => &self.state.access_token,
         }
+    }
+
+    /// Whether the stored token is newer than the one on disk (a save failed since it came).
+    pub fn unsaved(&self) -> bool {
+        self.saved.is_some()
+    }
+
+    /// The state was written: the stored token is on disk and goes out from now on.
+    pub fn on_saved(&mut self) {
+        self.saved = None;
     }
 
     /// Which token goes out next.
@@ -188,6 +215,10 @@ impl Credentials {
         self.fell_back = false;
         match issued {
             Some(issued) => {
+                if self.saved.is_none() {
+                    // Until the new one is saved, the one on disk is what goes out.
+                    self.saved = Some(self.state.access_token.clone());
+                }
                 store_issued(&mut self.state, issued, now);
                 self.sending = Sending::Stored;
                 true
@@ -198,10 +229,8 @@ impl Credentials {
 
     /// A 401/403 for the token just sent. The stored token stays as it is.
     pub fn on_rejected(&mut self) -> AfterRejection {
-        let alternative = self
-            .bootstrap
-            .as_ref()
-            .is_some_and(|b| *b != self.state.access_token);
+        let stored = self.saved.as_ref().unwrap_or(&self.state.access_token);
+        let alternative = self.bootstrap.as_ref().is_some_and(|b| b != stored);
         if !alternative {
             self.sending = Sending::Stored;
             return AfterRejection::RetrySlowly { switched: false };
@@ -225,6 +254,7 @@ impl Credentials {
 }
 
 const USING_STORED: &str = "using the stored (rotated) token";
+const CARRIED_OVER: &str = "api.url changed: using the stored (rotated) token with it (the configured token is the fallback)";
 
 #[cfg(test)]
 mod tests {
@@ -270,6 +300,10 @@ mod tests {
         Reload(&'static str),
         /// Restart of the process: start-up from the stored state and this configured token.
         Restart(&'static str),
+        /// A 2xx with a new token that could not be saved (a full disk).
+        OkUnsaved(&'static str),
+        /// A save worked again.
+        Saved,
     }
     use AfterRejection::{RetryNow, RetrySlowly};
     use Ev::*;
@@ -294,7 +328,12 @@ mod tests {
             match ev.clone() {
                 Ok(t) => {
                     c.on_accepted(t.map(issued), now);
+                    c.on_saved();
                 }
+                OkUnsaved(t) => {
+                    c.on_accepted(Some(issued(t)), now);
+                }
+                Saved => c.on_saved(),
                 Reject(expected) => assert_eq!(c.on_rejected(), expected, "row {i}: {ev:?}"),
                 Reload(t) => {
                     c.reconfigure(&boot_cfg(t)).unwrap();
@@ -324,6 +363,26 @@ mod tests {
                 (Ok(Some("r2")), "r2", "r2"),
                 (Ok(None), "r2", "r2"),
                 (Restart("boot"), "r2", "r2"),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_token_goes_out_only_once_it_is_saved() {
+        table(
+            "boot",
+            None,
+            &[
+                (Ok(Some("r1")), "r1", "r1"),
+                // The disk is full: r2, r3 are kept in memory, r1 (on disk) keeps going out.
+                (OkUnsaved("r2"), "r1", "r2"),
+                (OkUnsaved("r3"), "r1", "r3"),
+                // A 401 meanwhile: the configured token once, then r1 again, never r3.
+                (Reject(RetryNow), "boot", "r3"),
+                (Reject(RetrySlowly { switched: true }), "r1", "r3"),
+                (OkUnsaved("r4"), "r1", "r4"),
+                (Saved, "r4", "r4"),
+                (OkUnsaved("r5"), "r4", "r5"),
             ],
         );
     }
@@ -453,7 +512,7 @@ mod tests {
         let (got, why) = Credentials::start(&c, Some(rotated.clone())).unwrap();
         assert_eq!(got.token().expose(), "rot-1");
         assert_eq!(why, USING_STORED);
-        // Other node, other API → configured token.
+        // Other node → configured token.
         let mut other = rotated.clone();
         other.node_id = Uuid::nil();
         assert_eq!(
@@ -464,16 +523,15 @@ mod tests {
                 .expose(),
             "boot"
         );
+        // Another URL, same node and configured token (a typo fixed): the stored token, now
+        // tied to the configured URL, with the configured token as the fallback.
         let mut other = rotated;
         other.api_url = "https://b.example".into();
-        assert_eq!(
-            Credentials::start(&c, Some(other))
-                .unwrap()
-                .0
-                .token()
-                .expose(),
-            "boot"
-        );
+        let (got, why) = Credentials::start(&c, Some(other)).unwrap();
+        assert_eq!(got.token().expose(), "rot-1");
+        assert_eq!(why, CARRIED_OVER);
+        assert_eq!(got.state().api_url, c.api.url);
+        assert_eq!(got.bootstrap().map(Secret::expose), Some("boot"));
     }
 
     #[test]

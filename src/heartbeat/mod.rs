@@ -125,6 +125,8 @@ pub struct Agent {
     cfg: Config,
     mode: Mode,
     sender: Box<dyn Sender>,
+    /// The sender was given by [`Agent::with_sender`]: a reload keeps it.
+    fixed_sender: bool,
     store: StateStore,
     /// Held for the agent's lifetime: one writer per state directory (`None` in dry-run).
     _lock: Option<StateLock>,
@@ -194,6 +196,7 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         cfg,
         mode,
         sender,
+        fixed_sender: false,
         store,
         _lock: lock,
         creds,
@@ -233,9 +236,11 @@ impl Agent {
         self
     }
 
-    /// Sends through `sender` instead (tests: scripted answers in paused time).
+    /// Sends through `sender` instead (tests: scripted answers in paused time), also after a
+    /// reload (which otherwise builds a new API client).
     pub fn with_sender(mut self, sender: Box<dyn Sender>) -> Self {
         self.sender = sender;
+        self.fixed_sender = true;
         self
     }
 

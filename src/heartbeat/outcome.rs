@@ -18,12 +18,14 @@ impl Agent {
             Ok(success) => self.on_success(success, now),
             Err(failure) => self.on_failure(failure, now, had_body),
         };
-        if self.mode != Mode::DryRun
-            && let Err(e) = self.store.save(self.creds.state())
-        {
-            error!(
-                "cannot persist state: {e}; the current token is kept in memory and saving is retried every heartbeat"
-            );
+        if self.mode != Mode::DryRun {
+            match self.store.save(self.creds.state()) {
+                Ok(()) => self.creds.on_saved(),
+                Err(e) if self.creds.unsaved() => error!(
+                    "cannot persist state: {e}; the new token is kept in memory, the last saved one is sent until saving works again (retried every heartbeat)"
+                ),
+                Err(e) => error!("cannot persist state: {e}; saving is retried every heartbeat"),
+            }
         }
         if let Some(m) = &mut self.metrics {
             m.attempt(label, status, self.sent_at.elapsed(), self.creds.state());
@@ -58,12 +60,8 @@ impl Agent {
         if self.creds.sending() == Sending::Bootstrap {
             info!("the configured access token was accepted");
         }
-        if self.creds.on_accepted(success.body.issued, now) {
-            // The stored token is the one this API just issued: the state names the API the
-            // request went to (after a reload that fixed api.url, the running one — not the
-            // URL of the state loaded at start, which a restart would then refuse).
-            self.creds.state_mut().api_url.clone_from(&self.cfg.api.url);
-        }
+        // The state already names the running API URL (`Credentials::start`/`reconfigure`).
+        self.creds.on_accepted(success.body.issued, now);
         self.bodyless_next = false;
         let state = self.creds.state_mut();
         state.last_success_at = Some(now);

@@ -58,7 +58,7 @@ impl Agent {
             }
         }
         self.schedule.reconfigure(&cfg.heartbeat);
-        if self.mode != Mode::DryRun {
+        if self.mode != Mode::DryRun && !self.fixed_sender {
             self.sender = Box::new(client);
         }
         self.reconfigure_metrics(&cfg);

@@ -61,9 +61,14 @@ pub(super) fn keep_if_replaced(store: &StateStore, previous: Option<&State>, now
     if previous.access_token == now.access_token && previous.node_id == now.node_id {
         return;
     }
+    // Nanoseconds: two replacements within a second must not share a name (the second copy
+    // would take the place of the first).
     let stamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .map_or_else(
+            |_| "0".to_string(),
+            |d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()),
+        );
     match store.keep_copy(&format!("replaced-{stamp}")) {
         Ok(Some(copy)) => info!(
             "the previous state (node {}) is kept as {}",

@@ -122,7 +122,8 @@ pub enum Existing {
 }
 
 impl Existing {
-    pub(super) fn of(stored: Result<Option<State>, String>, legacy: &Legacy) -> Self {
+    /// What a state read (`StateStore::load`) means for importing `legacy`.
+    pub fn of(stored: Result<Option<State>, String>, legacy: &Legacy) -> Self {
         match stored {
             Ok(None) => Self::None,
             Ok(Some(s)) if s.node_id != legacy.node_id => Self::OtherNode(s.node_id),

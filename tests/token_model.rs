@@ -1,0 +1,763 @@
+//! The rule for the stored token (ARCHITECTURE.md), checked against a model of operator events.
+//!
+//! proptest generates sequences of what operators and machines do — heartbeats that succeed,
+//! fail or are refused, token rotations, a kill while a request is in flight, reloads that
+//! change the API URL or the configured token, restarts, a state file made unreadable, a disk
+//! that fills and empties, `import-legacy --force` — and drives the real agent (the loop from
+//! `heartbeat::prepare`, the real state store, lock and import plan) in-process, in paused
+//! time. The API is a model with the rotation rule of a careful API: using a token retires
+//! every token issued before it. After every step the test checks the invariant against the
+//! model's view of which tokens it accepts; at the end it heals the machine and checks that
+//! the node heartbeats again without an operator touching it. Failures shrink to a minimal
+//! sequence.
+//!
+//! The disk is real: as root the test runs itself again in a mount namespace of its own and
+//! puts the state directory on a 256 KiB tmpfs (a full disk is `ENOSPC` on write, with
+//! renames and links still working, as on a real full file system); the test thread drops
+//! `CAP_DAC_OVERRIDE` so that a mode-000 file is unreadable to it, as it is to the service
+//! user. As another user, writes fail through the directory's mode instead (`EACCES`).
+//!
+//! A failure names the shrunk sequence under "after:" (the steps that ran, with what the agent
+//! said; proptest's own "minimal failing input" line can show a later, passing candidate).
+//! `EXALSIUS_MODEL_CASES` (default 48) and `EXALSIUS_MODEL_SEED` (a number, or `random`;
+//! default a fixed seed, so CI explores the same sequences every run) tune the search.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unsafe_code)]
+
+use exalsius_node_agent::api::{Answer, Failure, FailureKind, Issued, Outcome, Success};
+use exalsius_node_agent::commands::import_legacy::{
+    Existing, decide, imported_state, parse_legacy,
+};
+use exalsius_node_agent::config::{Config, Overrides};
+use exalsius_node_agent::heartbeat::{self, Control, Mode, RunError, SendFuture, Sender};
+use exalsius_node_agent::inventory::{Collector, FixedCollector, HostCollector};
+use exalsius_node_agent::secret::Secret;
+use exalsius_node_agent::state::StateStore;
+use proptest::prelude::*;
+use proptest::test_runner::{Config as PtConfig, RngSeed, TestCaseError, TestRunner};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const NODE: &str = "5b0e7c7a-3d0f-4f5e-9d7e-2a1c3b4d5e6f";
+const GOOD: &str = "http://127.0.0.1:9/v1";
+/// An `api.url` with a typo: nothing answers there.
+const TYPO: &str = "http://127.0.0.1:9/v1-typo";
+const CHILD_ENV: &str = "EXALSIUS_MODEL_CHILD";
+
+// ---------------------------------------------------------------------------------------------
+// The API's view: which tokens it accepts.
+
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Every token in the order the API issued it (the configured ones included).
+    issued: Vec<String>,
+    accepted: Vec<String>,
+    /// Heartbeats answered 200.
+    oks: usize,
+}
+
+impl Ledger {
+    fn issue(&mut self, kind: &str) -> String {
+        let t = format!("{kind}-{}", self.issued.len());
+        self.issued.push(t.clone());
+        self.accepted.push(t.clone());
+        t
+    }
+
+    fn position(&self, token: &str) -> Option<usize> {
+        self.issued.iter().position(|t| t == token)
+    }
+
+    /// A heartbeat with `token`: refused, or accepted with a new token (every token issued
+    /// before the one used is retired).
+    fn heartbeat(&mut self, token: &str) -> Option<String> {
+        if !self.accepted.iter().any(|t| t == token) {
+            return None;
+        }
+        let used = self.position(token)?;
+        let issued = self.issued.clone();
+        self.accepted
+            .retain(|t| issued.iter().position(|x| x == t).unwrap_or(0) >= used);
+        self.oks += 1;
+        Some(self.issue("rotated"))
+    }
+}
+
+/// How the model API answers the next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    /// As the API would: 200 with a new token, or 401 for a token it does not accept.
+    Normal,
+    /// 503.
+    Unavailable,
+    /// 401 although the token is valid (an auth backend's blip).
+    Spurious401,
+    /// The API answers as `Normal`, but the agent is killed (SIGKILL) before it reads it.
+    KillInFlight,
+}
+
+/// The sender the agent talks to: it waits at a gate until the test says how to answer.
+struct ModelApi {
+    ledger: Arc<Mutex<Ledger>>,
+    arrived: mpsc::UnboundedSender<()>,
+    replies: tokio::sync::Mutex<mpsc::UnboundedReceiver<Reply>>,
+}
+
+fn failure(kind: FailureKind, status: Option<u16>, message: &str) -> Outcome {
+    Err(Failure {
+        kind,
+        status,
+        message: message.to_string(),
+        retry_after: None,
+    })
+}
+
+impl Sender for ModelApi {
+    fn send<'a>(&'a self, url: &'a str, token: &'a Secret, _body: Vec<u8>) -> SendFuture<'a> {
+        Box::pin(async move {
+            let _ = self.arrived.send(());
+            let Some(reply) = self.replies.lock().await.recv().await else {
+                return failure(FailureKind::Retryable, None, "connection closed");
+            };
+            if !url.starts_with(&format!("{GOOD}/node/")) {
+                return failure(FailureKind::Retryable, None, "connection refused");
+            }
+            let node = url.rsplit('/').next().unwrap_or_default().to_string();
+            let answer = match reply {
+                Reply::Unavailable => return failure(FailureKind::Retryable, Some(503), "503"),
+                Reply::Spurious401 => {
+                    return failure(FailureKind::Unauthorized, Some(401), "401 (blip)");
+                }
+                Reply::Normal | Reply::KillInFlight => {
+                    self.ledger.lock().unwrap().heartbeat(token.expose())
+                }
+            };
+            if reply == Reply::KillInFlight {
+                let _ = self.arrived.send(());
+                return std::future::pending().await;
+            }
+            match answer {
+                None => failure(FailureKind::Unauthorized, Some(401), "401"),
+                Some(t) => Ok(Success {
+                    status: 200,
+                    latency: Duration::ZERO,
+                    body: Answer {
+                        node_id: node,
+                        issued: Some(Issued {
+                            token: Secret::new(t),
+                            expires_in: None,
+                            token_type: Some("Bearer".into()),
+                        }),
+                        notes: Vec::new(),
+                    },
+                }),
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The events.
+
+#[derive(Debug, Clone)]
+enum Event {
+    Beat(Reply),
+    /// `api.url` edited (to a typo or back) and `systemctl reload`.
+    ReloadUrl(bool),
+    /// The operator configures a new token the API just gave them, and reloads.
+    ReloadToken,
+    /// The operator configures a token the API does not accept (a paste error), and reloads.
+    ReloadWrongToken,
+    /// `systemctl restart` (a reboot, a package upgrade): SIGTERM, then start.
+    Restart,
+    /// The disk fills up / is emptied again.
+    DiskFull(bool),
+    /// `state.json` replaced by a copy the agent cannot read (root restored a backup).
+    Unreadable,
+    /// `import-legacy --force` of this node, with a token the legacy tool was given.
+    ImportLegacyForce,
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        8 => prop_oneof![
+            6 => Just(Reply::Normal),
+            2 => Just(Reply::Unavailable),
+            1 => Just(Reply::Spurious401),
+            1 => Just(Reply::KillInFlight),
+        ]
+        .prop_map(Event::Beat),
+        1 => any::<bool>().prop_map(Event::ReloadUrl),
+        1 => Just(Event::ReloadToken),
+        1 => Just(Event::ReloadWrongToken),
+        2 => Just(Event::Restart),
+        2 => any::<bool>().prop_map(Event::DiskFull),
+        1 => Just(Event::Unreadable),
+        1 => Just(Event::ImportLegacyForce),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The world: a state directory, a configuration, the API, and the agent when it runs.
+
+struct Running {
+    handle: tokio::task::JoinHandle<Result<(), RunError>>,
+    shutdown: CancellationToken,
+    reload: mpsc::Sender<()>,
+    arrived: mpsc::UnboundedReceiver<()>,
+    replies: mpsc::UnboundedSender<Reply>,
+}
+
+struct World {
+    _tmp: tempfile::TempDir,
+    state_dir: PathBuf,
+    filler: PathBuf,
+    /// `true`: a tmpfs of its own (ENOSPC); `false`: writes are refused by the directory mode.
+    tmpfs: bool,
+    url: &'static str,
+    token: String,
+    /// Every token the operator configured.
+    configured: Vec<String>,
+    ledger: Arc<Mutex<Ledger>>,
+    agent: Option<Running>,
+    /// The configuration text the running agent's reloader reads.
+    reloader_text: Option<Arc<Mutex<String>>>,
+    /// What happened, for the failure message.
+    log: Vec<String>,
+}
+
+impl World {
+    fn new(tmpfs: bool) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let state_dir = tmp.path().join("state");
+        let filler = tmp.path().join("state/filler");
+        std::fs::create_dir(&state_dir).unwrap();
+        if tmpfs {
+            mount_tmpfs(&state_dir);
+        }
+        let mut ledger = Ledger::default();
+        let token = ledger.issue("configured");
+        Self {
+            _tmp: tmp,
+            state_dir,
+            filler,
+            tmpfs,
+            url: GOOD,
+            configured: vec![token.clone()],
+            token,
+            ledger: Arc::new(Mutex::new(ledger)),
+            agent: None,
+            reloader_text: None,
+            log: Vec::new(),
+        }
+    }
+
+    fn config_text(&self) -> String {
+        format!(
+            "[api]\nurl = \"{}\"\nnode_id = \"{NODE}\"\naccess_token = \"{}\"\n\
+             [heartbeat]\ninterval = \"60s\"\njitter = 0.1\ninitial_backoff = \"1s\"\nmax_backoff = \"300s\"\n\
+             [inventory]\ngpu = \"off\"\n[state]\ndir = \"{}\"\n",
+            self.url,
+            self.token,
+            self.state_dir.display()
+        )
+    }
+
+    fn config(&self) -> Config {
+        parse_config(&self.config_text())
+    }
+
+    /// Starts the agent and waits until its first heartbeat is at the gate.
+    async fn start(&mut self) {
+        let inventory =
+            HostCollector::new(exalsius_node_agent::config::GpuMode::Off, None).collect();
+        let collector: Arc<dyn Collector> = Arc::new(FixedCollector(inventory.clone()));
+        let agent = match heartbeat::prepare(self.config(), Mode::Daemon, collector) {
+            Ok(a) => a,
+            Err(e) => {
+                // A fault of the machine at start is exit 1 (systemd retries), never 78.
+                assert_eq!(e.exit_code(), 1, "start refused with {e}");
+                self.log.push(format!("  start: exit 1: {e}"));
+                return;
+            }
+        };
+        let (arrived_tx, arrived) = mpsc::unbounded_channel();
+        let (replies, replies_rx) = mpsc::unbounded_channel();
+        let agent = agent
+            .with_inventory(inventory)
+            .with_sender(Box::new(ModelApi {
+                ledger: self.ledger.clone(),
+                arrived: arrived_tx,
+                replies: tokio::sync::Mutex::new(replies_rx),
+            }));
+        let (reload, reload_rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let text = Arc::new(Mutex::new(self.config_text()));
+        let reloader_text = text.clone();
+        let handle = tokio::spawn(agent.run(Control {
+            shutdown: shutdown.clone(),
+            reload: Some(reload_rx),
+            reloader: Some(Box::new(move || {
+                let text = reloader_text.lock().unwrap().clone();
+                Config::from_toml(&text, Path::new("/t.toml"), &Overrides::default(), &|_| {
+                    None
+                })
+            })),
+            collectors: None,
+        }));
+        self.agent = Some(Running {
+            handle,
+            shutdown,
+            reload,
+            arrived,
+            replies,
+        });
+        self.reloader_text = Some(text);
+        self.wait_at_gate().await;
+    }
+
+    /// Waits until the agent's next request is at the gate; notes it when the agent stopped.
+    async fn wait_at_gate(&mut self) {
+        let Some(running) = &mut self.agent else {
+            return;
+        };
+        if running.arrived.recv().await.is_none() {
+            let running = self.agent.take().unwrap();
+            let result = running.handle.await.unwrap();
+            panic!("the agent stopped by itself: {result:?}");
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(running) = self.agent.take() {
+            running.shutdown.cancel();
+            let result = running.handle.await.unwrap();
+            assert!(result.is_ok(), "SIGTERM: {result:?}");
+        }
+    }
+
+    async fn step(&mut self, e: &Event) {
+        self.log.push(format!("{e:?}"));
+        if std::env::var_os("EXALSIUS_MODEL_TRACE").is_some() {
+            eprintln!("step {e:?}");
+        }
+        match e {
+            Event::Beat(reply) => {
+                let Some(running) = &mut self.agent else {
+                    // Stopped (exit 1): systemd starts it again.
+                    self.start().await;
+                    return;
+                };
+                running.replies.send(*reply).unwrap();
+                if *reply == Reply::KillInFlight {
+                    // The API has answered; the agent dies before it reads the answer.
+                    running.arrived.recv().await.unwrap();
+                    let running = self.agent.take().unwrap();
+                    running.handle.abort();
+                    let _ = running.handle.await;
+                    self.start().await;
+                } else {
+                    self.wait_at_gate().await;
+                }
+            }
+            Event::ReloadUrl(typo) => {
+                self.url = if *typo { TYPO } else { GOOD };
+                self.reload();
+            }
+            Event::ReloadToken => {
+                self.token = self.ledger.lock().unwrap().issue("configured");
+                self.configured.push(self.token.clone());
+                self.reload();
+            }
+            Event::ReloadWrongToken => {
+                self.token = format!("pasted-wrong-{}", self.log.len());
+                self.configured.push(self.token.clone());
+                self.reload();
+            }
+            Event::Restart => {
+                self.stop().await;
+                self.start().await;
+            }
+            Event::DiskFull(full) => self.disk_full(*full),
+            Event::Unreadable => {
+                let path = self.state_dir.join("state.json");
+                if path.exists() {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000))
+                        .unwrap();
+                }
+            }
+            Event::ImportLegacyForce => self.import_legacy(),
+        }
+    }
+
+    fn reload(&mut self) {
+        let text = self.config_text();
+        if let (Some(running), Some(shared)) = (&self.agent, &self.reloader_text) {
+            *shared.lock().unwrap() = text;
+            running.reload.try_send(()).unwrap();
+        }
+    }
+
+    fn disk_full(&mut self, full: bool) {
+        if !self.tmpfs {
+            let mode = if full { 0o500 } else { 0o700 };
+            std::fs::set_permissions(&self.state_dir, std::fs::Permissions::from_mode(mode))
+                .unwrap();
+            return;
+        }
+        if !full {
+            let _ = std::fs::remove_file(&self.filler);
+            return;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.filler)
+            .unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+
+    /// `import-legacy --force` as the command does it: the plan, then the state replaced under
+    /// the lock (refused while the agent runs: it holds the lock).
+    fn import_legacy(&mut self) {
+        let store = StateStore::new(&self.state_dir);
+        let Ok(lock) = store.lock() else {
+            self.log
+                .push("  refused: the state directory is locked or cannot be used".into());
+            return;
+        };
+        let token = self.ledger.lock().unwrap().issue("legacy");
+        let legacy = parse_legacy(
+            &format!("NODE_ID={NODE}\nAPI_URL={}\nAUTH_TOKEN={token}\n", self.url),
+            Path::new("/root/.config/exalsius/config.env"),
+        )
+        .unwrap();
+        let cfg = self.config();
+        let existing = Existing::of(
+            store.load().map(|(s, _)| s).map_err(|e| e.to_string()),
+            &legacy,
+        );
+        let plan = decide(&legacy, &cfg, &existing, true).unwrap();
+        if plan.write_state {
+            let state = imported_state(&legacy, &plan, std::time::SystemTime::now());
+            if let Err(e) = store.replace(&lock, &state, plan.keep_old) {
+                self.log.push(format!("  refused: {e}"));
+            }
+        }
+    }
+
+    /// Every token the state directory holds (in any file the agent keeps), and every token
+    /// the operator configured (they have their own copy of those).
+    fn durable_tokens(&self) -> Vec<String> {
+        let mut tokens = self.configured.clone();
+        for entry in std::fs::read_dir(&self.state_dir).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !name.starts_with("state.json") {
+                continue;
+            }
+            let path = entry.path();
+            let mode = std::fs::symlink_metadata(&path)
+                .unwrap()
+                .permissions()
+                .mode();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let text = std::fs::read_to_string(&path);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text.unwrap())
+                && let Some(t) = v["access_token"].as_str()
+            {
+                tokens.push(t.to_string());
+            }
+        }
+        tokens
+    }
+
+    /// The invariant: the state directory (or the configuration) holds a token the API accepts.
+    fn check(&self) -> Result<(), String> {
+        let durable = self.durable_tokens();
+        let ledger = self.ledger.lock().unwrap();
+        if ledger.accepted.iter().any(|t| durable.contains(t)) {
+            Ok(())
+        } else {
+            Err(format!(
+                "no token the API accepts is kept: kept {durable:?}, accepted {:?}",
+                ledger.accepted
+            ))
+        }
+    }
+
+    /// The machine is healed (disk emptied, modes as the agent made them, the URL fixed) and
+    /// the service restarted: the node must heartbeat again with no operator action on the
+    /// state.
+    async fn heal_and_check_liveness(&mut self) -> Result<(), String> {
+        self.disk_full(false);
+        let path = self.state_dir.join("state.json");
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        self.url = GOOD;
+        let works = self.ledger.lock().unwrap().accepted.contains(&self.token);
+        if !works {
+            // The operator notices the refused token and configures one that works.
+            self.token = self.ledger.lock().unwrap().issue("configured");
+            self.configured.push(self.token.clone());
+        }
+        self.log
+            .push("heal, fix the URL and the configured token, restart".into());
+        self.stop().await;
+        self.start().await;
+        let before = self.ledger.lock().unwrap().oks;
+        for _ in 0..6 {
+            self.step(&Event::Beat(Reply::Normal)).await;
+            if self.ledger.lock().unwrap().oks > before {
+                self.stop().await;
+                return self.check_state_file();
+            }
+        }
+        Err("the node does not heartbeat any more: every token it sends is refused".into())
+    }
+
+    /// After a success and a clean stop, `state.json` itself holds a token the API accepts.
+    fn check_state_file(&self) -> Result<(), String> {
+        let text = std::fs::read_to_string(self.state_dir.join("state.json"))
+            .map_err(|e| format!("state.json: {e}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let token = v["access_token"].as_str().unwrap_or_default();
+        if self
+            .ledger
+            .lock()
+            .unwrap()
+            .accepted
+            .iter()
+            .any(|t| t == token)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "state.json holds {token}, which the API no longer accepts"
+            ))
+        }
+    }
+}
+
+fn parse_config(text: &str) -> Config {
+    Config::from_toml(text, Path::new("/t.toml"), &Overrides::default(), &|_| None).unwrap()
+}
+
+async fn run_sequence(events: &[Event], tmpfs: bool) -> Result<(), String> {
+    let mut world = World::new(tmpfs);
+    world.start().await;
+    let mut result = world.check();
+    for e in events {
+        if result.is_err() {
+            break;
+        }
+        world.step(e).await;
+        result = world.check();
+    }
+    if result.is_ok() {
+        result = world.heal_and_check_liveness().await;
+    }
+    world.stop().await;
+    result.map_err(|why| format!("{why}\nafter:\n{}", world.log.join("\n")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running it.
+
+fn mount_tmpfs(dir: &Path) {
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    let fstype = c"tmpfs";
+    let data = c"size=256k,mode=0700";
+    // SAFETY: valid NUL-terminated strings; in this process's own mount namespace.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+}
+
+/// Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this thread's effective set (threads
+/// it starts inherit it): root then reads a mode-000 file as the service user would — not.
+fn drop_dac_override() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: the kernel's capget/capset ABI, version 3 (two data elements).
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        data[0].effective &= !((1 << 1) | (1 << 2));
+        assert_eq!(
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+            0
+        );
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn explore(tmpfs: bool) {
+    if std::env::var_os("EXALSIUS_MODEL_TRACE").is_some() {
+        exalsius_node_agent::logging::init("debug", exalsius_node_agent::logging::LogFormat::Text);
+    }
+    let cases = std::env::var("EXALSIUS_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48);
+    let seed = match std::env::var("EXALSIUS_MODEL_SEED").as_deref() {
+        Ok("random") => RngSeed::Random,
+        Ok(n) => RngSeed::Fixed(n.parse().expect("EXALSIUS_MODEL_SEED: a number or random")),
+        Err(_) => RngSeed::Fixed(20_261_202),
+    };
+    let mut runner = TestRunner::new(PtConfig {
+        cases,
+        rng_seed: seed,
+        failure_persistence: None,
+        max_shrink_iters: 2000,
+        ..PtConfig::default()
+    });
+    let steps = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&proptest::collection::vec(event(), 1..40), |events| {
+        steps.fetch_add(events.len(), std::sync::atomic::Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(run_sequence(&events, tmpfs))
+            .map_err(TestCaseError::fail)
+    });
+    eprintln!(
+        "token model: {cases} sequences, {} steps (seed {seed}, disk on {})",
+        steps.into_inner(),
+        if tmpfs {
+            "tmpfs: ENOSPC"
+        } else {
+            "a directory: EACCES"
+        }
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// Runs `body` where the faults are real: as root, again in a mount namespace of its own
+/// (the state directory on a small tmpfs that really fills up, the thread without
+/// CAP_DAC_OVERRIDE); as another user, here, with directory modes for a full disk.
+fn with_real_faults(test: &str, body: fn(bool)) {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        drop_dac_override();
+        body(true);
+        return;
+    }
+    if !is_root() {
+        body(false);
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("unshare (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "{test}:\n{text}");
+    assert!(text.contains("1 passed"), "{text}");
+}
+
+#[test]
+fn the_stored_token_survives_every_sequence_of_operator_events() {
+    with_real_faults(
+        "the_stored_token_survives_every_sequence_of_operator_events",
+        explore,
+    );
+}
+
+/// Each situation of the issue as its own sequence (and the minimal ones the model found).
+#[test]
+fn the_situations_that_lost_tokens() {
+    with_real_faults("the_situations_that_lost_tokens", situations);
+}
+
+fn situations(tmpfs: bool) {
+    use Event::*;
+    use Reply::*;
+    for events in [
+        vec![],
+        // A full disk: the new token cannot be saved; the saved one keeps going out.
+        vec![DiskFull(true), Beat(Normal), Beat(Normal)],
+        vec![
+            DiskFull(true),
+            Beat(Normal),
+            Beat(Spurious401),
+            Beat(Normal),
+        ],
+        // A typo in api.url fixed by a reload, rotation, then a restart.
+        vec![
+            ReloadUrl(true),
+            Beat(Normal),
+            ReloadUrl(false),
+            Beat(Normal),
+            Beat(Normal),
+            Restart,
+        ],
+        // A state file the service cannot read at start.
+        vec![Beat(Normal), Beat(Normal), Unreadable, Restart],
+        // import-legacy --force on a full disk.
+        vec![
+            Beat(Normal),
+            Beat(KillInFlight),
+            DiskFull(true),
+            Restart,
+            ImportLegacyForce,
+        ],
+    ] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        if let Err(e) = rt.block_on(run_sequence(&events, tmpfs)) {
+            panic!("{events:?}: {e}");
+        }
+    }
+}
