@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use support::*;
 
@@ -271,4 +271,80 @@ fn check_config_names_the_origin_of_each_value() {
         !stdout.contains("#   heartbeat.jitter"),
         "defaults are not listed: {stdout}"
     );
+}
+
+/// The class of exit codes: 78 only for what the operator must edit (systemd does not restart
+/// it, `RestartPreventExitStatus=78`); a fault of the machine — a config file that cannot be
+/// read now, a state directory that cannot be written, a file in its way — is exit 1, which
+/// systemd retries. Run as `nobody`, as the packaged service is (root would read anything).
+#[test]
+fn machine_faults_exit_1_and_what_the_operator_must_edit_exits_78() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(home) = NobodyHome::new() else {
+        return;
+    };
+    let base = |state: &std::path::Path| {
+        format!(
+            "[api]\nurl = \"http://127.0.0.1:9/v1\"\nnode_id = \"0d9c2f4e-8a51-4c1b-9e62-3f7a1b2c4d5e\"\naccess_token = \"t\"\n[inventory]\ngpu = \"off\"\n[state]\ndir = \"{}\"\n",
+            state.display()
+        )
+    };
+    let root_owned = home.dir.path().join("root-owned");
+    std::fs::create_dir(&root_owned).unwrap();
+    std::fs::set_permissions(&root_owned, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file_in_the_way = home.dir.path().join("a-file");
+    std::fs::write(&file_in_the_way, "x").unwrap();
+    let cases: Vec<(&str, PathBuf, i32, &str)> = vec![
+        // The config file cannot be read now (mode 0600, root's): a fault, retried.
+        (
+            "config unreadable",
+            {
+                let p = home.write_config(&base(&home.dir.path().join("s1")));
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+                p
+            },
+            1,
+            "cannot read config file",
+        ),
+        // A directory where the config file should be: the operator's to fix.
+        (
+            "config is a directory",
+            root_owned.clone(),
+            78,
+            "configuration error",
+        ),
+        // A state directory the service user cannot write (root's, 0755).
+        (
+            "state dir not writable",
+            {
+                let p = home.dir.path().join("c2.toml");
+                std::fs::write(&p, base(&root_owned)).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+                p
+            },
+            1,
+            "state",
+        ),
+        // A file in the way of the state directory.
+        (
+            "file in the way",
+            {
+                let p = home.dir.path().join("c3.toml");
+                std::fs::write(&p, base(&file_in_the_way)).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+                p
+            },
+            1,
+            "not a directory",
+        ),
+    ];
+    for (name, cfg, code, says) in cases {
+        for args in [&["run", "--once"][..], &["run"]] {
+            let out = home.command(&cfg, args).output().unwrap();
+            let t = text(&out);
+            assert_eq!(out.status.code(), Some(code), "{name} {args:?}: {t}");
+            assert!(t.contains(says), "{name} {args:?}: {t}");
+            assert!(!t.contains("panicked"), "{name}: {t}");
+        }
+    }
 }

@@ -81,10 +81,16 @@ pub fn exit_code(outcome: Result<(), Failure>) -> u8 {
     }
 }
 
-/// The configuration, or the failure that names the key and file (exit 78).
+/// The configuration, or the failure that names the key and file (exit 78; exit 1 when the
+/// file cannot be read now, a fault systemd retries).
 pub fn load_config(overrides: &Overrides) -> Result<Config, Failure> {
-    Config::load(overrides, &process_env)
-        .map_err(|e| Failure::config(format!("configuration error: {e}")))
+    Config::load(overrides, &process_env).map_err(|e| {
+        if e.is_machine_fault() {
+            Failure::runtime(format!("{e}"))
+        } else {
+            Failure::config(format!("configuration error: {e}"))
+        }
+    })
 }
 
 /// The agent's runtime: current-thread (the multi-thread one costs ≈ 1.5× the CPU for this

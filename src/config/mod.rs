@@ -108,6 +108,23 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A fault of the machine rather than of what the operator wrote: the file exists but
+    /// cannot be read now (permissions that changed, an I/O error). Exit 1, which systemd
+    /// retries; everything else is exit 78, which it does not (the operator must edit).
+    /// A directory or non-UTF-8 bytes where the file should be are the operator's to fix.
+    pub fn is_machine_fault(&self) -> bool {
+        use std::io::ErrorKind;
+        match self {
+            ConfigError::Read { source, .. } => !matches!(
+                source.kind(),
+                ErrorKind::IsADirectory | ErrorKind::InvalidData
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Where a value came from, for error messages.
 fn origin_of(path: Option<&Path>) -> String {
     match path {

@@ -86,13 +86,15 @@ pub enum RunError {
 }
 
 impl RunError {
-    /// Process exit code: 78 for configuration problems, 1 for runtime failures.
+    /// Process exit code: 78 for what the operator must edit, 1 for faults of the machine
+    /// (systemd retries those; `RestartPreventExitStatus=78` stops it for the others).
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::OnceFailed(_)
             | RunError::Locked(_)
             | RunError::State(_)
             | RunError::RestartForDevices(_) => 1,
+            RunError::Config(e) if e.is_machine_fault() => 1,
             _ => crate::config::EX_CONFIG,
         }
     }

@@ -247,7 +247,9 @@ impl StateStore {
             });
         }
         let mode = meta.permissions().mode() & 0o777;
-        if tighten && mode & 0o077 != 0 {
+        // Only a file of ours is changed (another user's is read as it is).
+        let ours = crate::perms::current_uid() == Some(std::os::unix::fs::MetadataExt::uid(&meta));
+        if tighten && ours && mode & 0o077 != 0 {
             match file.set_permissions(fs::Permissions::from_mode(FILE_MODE)) {
                 Ok(()) => warnings.push(format!(
                     "state file {} had mode {mode:04o}; tightened to {FILE_MODE:04o}",
@@ -267,9 +269,13 @@ impl StateStore {
         Ok((Some(file.into()), warnings))
     }
 
-    /// Creates the directory (0700) or tightens an existing one that is open to group/other.
-    /// Returns a warning when it had to tighten.
+    /// Creates the directory (0700) or tightens an existing one of ours that is open to
+    /// group/other. A directory another user owns is never changed: used as it is (with a
+    /// warning) when others can only read it — the state file itself is 0600 — and refused
+    /// when others can write to it (they could put their own state file there). Returns a
+    /// warning when it tightened or left an open directory as it is.
     pub fn ensure_dir(&self) -> Result<Option<String>, StateError> {
+        use std::os::unix::fs::MetadataExt;
         let io = |action, source| StateError::Io {
             action,
             path: self.dir.clone(),
@@ -278,6 +284,23 @@ impl StateStore {
         match fs::metadata(&self.dir) {
             Ok(meta) if meta.is_dir() => {
                 let mode = meta.permissions().mode() & 0o777;
+                let ours = crate::perms::current_uid() == Some(meta.uid());
+                if !ours && mode & 0o022 != 0 {
+                    return Err(io(
+                        "refusing to use",
+                        std::io::Error::other(format!(
+                            "it belongs to uid {} and has mode {mode:04o}: others can write to it; give it to the user the agent runs as (chown) or chmod 700 it",
+                            meta.uid()
+                        )),
+                    ));
+                }
+                if !ours && mode & 0o077 != 0 {
+                    return Ok(Some(format!(
+                        "state directory {} has mode {mode:04o} and belongs to uid {}; used as it is (the state file itself is 0600)",
+                        self.dir.display(),
+                        meta.uid()
+                    )));
+                }
                 if mode & 0o077 != 0 {
                     fs::set_permissions(&self.dir, fs::Permissions::from_mode(DIR_MODE))
                         .map_err(|e| io("cannot tighten permissions of", e))?;

@@ -53,6 +53,50 @@ fn open_dir_and_file_are_tightened() {
     assert_eq!(fmode, 0o600);
 }
 
+/// A directory another user owns is never changed: open for reading → used as it is with a
+/// warning; writable by others → refused, naming the owner and the fix. (Root only: it needs a
+/// directory that belongs to someone else.)
+#[test]
+fn a_directory_of_another_user_is_used_as_it_is_or_refused() {
+    if crate::perms::current_uid() != Some(0) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let store = StateStore::new(&dir);
+    for (mode, refused) in [
+        (0o755, false),
+        (0o750, false),
+        (0o775, true),
+        (0o777, true),
+        (0o1777, true),
+    ] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+        let got = store.ensure_dir();
+        let now = fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(now, mode, "{mode:04o}: the mode was changed");
+        match got {
+            Ok(w) if !refused => assert!(w.unwrap().contains("used as it is")),
+            Err(e) if refused => {
+                let e = e.to_string();
+                assert!(e.contains("uid 65534") && e.contains("chmod 700"), "{e}");
+            }
+            other => panic!("{mode:04o}: {other:?}"),
+        }
+    }
+    // A file of another user in a directory of ours: read, not changed.
+    let ours = StateStore::new(tmp.path().join("t"));
+    ours.save(&sample()).unwrap();
+    fs::set_permissions(ours.path(), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(ours.path(), Some(65534), None).unwrap();
+    let (state, _) = ours.load().unwrap();
+    assert!(state.is_some());
+    let fmode = fs::metadata(ours.path()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(fmode, 0o640);
+}
+
 #[test]
 fn file_in_the_way_is_an_error_not_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
