@@ -29,9 +29,10 @@ struct StatusView {
 pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Failure> {
     let cfg = load_config(overrides)?;
     let store = StateStore::new(&cfg.state.dir);
-    let state = match store.load() {
-        Ok((Some(s), _)) => s,
-        Ok((None, _)) => {
+    // Read only: `status` changes nothing, not even a mode that is too open.
+    let state = match store.peek() {
+        Ok(Some(s)) => s,
+        Ok(None) => {
             if args.json {
                 println!("{{\"healthy\":false,\"message\":\"no heartbeat recorded yet\"}}");
             } else {
