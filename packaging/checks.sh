@@ -21,6 +21,15 @@ glibc_ceiling() {
   ok "$1: highest GLIBC_ symbol version: $max_glibc (≤ 2.28)"
 }
 
+# size_ceiling LABEL BINARY: the shipped binary stays within 6 MiB (issue 22; README
+# "Benchmarks" has what each crate costs, bench/footprint.py measures it).
+size_ceiling() {
+  local bytes
+  bytes=$(stat -c %s "$2")
+  [ "$bytes" -le 6291456 ] || die "$1 binary is $bytes bytes > 6 MiB"
+  ok "$1: binary $(awk -v b="$bytes" 'BEGIN { printf "%.2f", b / 1048576 }') MiB (≤ 6 MiB)"
+}
+
 # audit_info LABEL BINARY: the dependency list cargo auditable embedded is there and readable
 # (what trivy, grype and syft read), and names the agent and its HTTP stack.
 audit_info() {

@@ -46,6 +46,7 @@ file -b "$BIN" | grep -q 'ARM aarch64' || die "not an aarch64 executable: $(file
 ok "$(basename "$DEB"), $(basename "$RPM"): an aarch64 ELF executable inside"
 . packaging/checks.sh
 glibc_ceiling arm64 "$BIN"
+size_ceiling arm64 "$BIN"
 audit_info arm64 "$BIN"
 lint_packages arm64 "$DEB" "$RPM"
 [ "$(dpkg-deb -f "$DEB" Architecture)" = arm64 ] || die "deb Architecture"

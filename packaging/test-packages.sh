@@ -94,6 +94,7 @@ say "static checks"
 . packaging/checks.sh
 lint_packages amd64 "$DEB" "$RPM"
 glibc_ceiling amd64 target/assets/exalsius-node-agent
+size_ceiling amd64 target/assets/exalsius-node-agent
 audit_info amd64 target/assets/exalsius-node-agent
 objdump -p target/assets/exalsius-node-agent >"$WORK/objdump.txt"
 grep -q 'NEEDED *libc.so.6' "$WORK/objdump.txt" || die "binary is not dynamically linked against glibc"

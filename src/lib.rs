@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod footprint;
 pub mod heartbeat;
 pub mod inventory;
 pub mod logging;

@@ -249,7 +249,8 @@ async fn a_stale_heartbeat_and_an_expired_token_fail() {
     assert_eq!(beat["status"], "fail", "{all}");
     let finding = beat["finding"].as_str().unwrap();
     assert!(
-        finding.contains("2h ago") && finding.contains("40 in a row"),
+        // "2h ago", or "2h 1s ago" on a loaded machine: no bet on the wall clock.
+        finding.contains("last success 2h") && finding.contains("40 in a row"),
         "{finding}"
     );
     assert_eq!(status(&checks, "token"), "fail");

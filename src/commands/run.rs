@@ -26,7 +26,9 @@ fn collector(cfg: &Config) -> Arc<dyn Collector> {
 /// Runs `run`.
 pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Failure> {
     let cfg = load_config(overrides)?;
+    crate::footprint::mark("configuration loaded");
     crate::logging::init(&cfg.log.level, cfg.log.format);
+    crate::footprint::mark("logging");
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
@@ -38,6 +40,7 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Failure> {
         Mode::Daemon
     };
     let runtime = runtime()?;
+    crate::footprint::mark("runtime");
     match cfg.source.as_deref() {
         Some(p) => {
             tracing::info!(config = %p.display(), version = env!("CARGO_PKG_VERSION"), "starting")

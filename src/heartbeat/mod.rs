@@ -154,6 +154,7 @@ pub struct Agent {
 pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result<Agent, RunError> {
     // Built in every mode: a bad api.ca_file is refused by --dry-run too.
     let client = ApiClient::new(&cfg.api)?;
+    crate::footprint::mark("HTTP client and TLS roots");
     let sender: Box<dyn Sender> = match mode {
         Mode::DryRun => Box::new(Stdout),
         Mode::Daemon | Mode::Once => Box::new(client),
@@ -174,6 +175,7 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
             info!("removed {stale} temp file(s) left by an interrupted state write");
         }
         let stored = stored::load(&store)?;
+        crate::footprint::mark("state loaded");
         let previous = stored.clone();
         let (creds, reason) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
         stored::keep_if_replaced(&store, previous.as_ref(), creds.state());
@@ -265,6 +267,7 @@ impl Agent {
             }
             () = self.refresh_inventory_now() => {}
         }
+        crate::footprint::mark("first inventory");
         if self.mode != Mode::Once {
             systemd::ready();
         }

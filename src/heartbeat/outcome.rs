@@ -32,6 +32,7 @@ impl Agent {
             m.write();
         }
         self.report_status(&next, now);
+        crate::footprint::heartbeat_done();
         next
     }
 

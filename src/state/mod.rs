@@ -57,6 +57,24 @@ pub enum StateError {
     },
 }
 
+/// The state file's format, written as `"format"`. A file without it is format 1 too (written
+/// before the field existed). A newer agent may write a higher number and fields this version
+/// does not know: this version reads what it knows, keeps every other field as it found it,
+/// never writes a lower number — a rollback must not lose what the newer version stored.
+pub const STATE_FORMAT: u32 = 1;
+
+/// Fields of a newer format that this version does not know, kept as they were (their values
+/// are never shown: they may be credentials).
+#[derive(Clone, Default, PartialEq)]
+pub struct Unknown(pub serde_json::Map<String, serde_json::Value>);
+
+impl std::fmt::Debug for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self.0.keys().collect();
+        write!(f, "Unknown({keys:?})")
+    }
+}
+
 /// What the agent remembers between runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct State {
@@ -84,6 +102,10 @@ pub struct State {
     /// Description given to `register` (the register call has no field for it; heartbeats
     /// send it unless `inventory.description` is set).
     pub description: Option<String>,
+    /// The format the file was written in ([`STATE_FORMAT`] for a new state).
+    pub format: u32,
+    /// Fields of a newer format, written back as they were.
+    pub unknown: Unknown,
 }
 
 impl State {
@@ -101,7 +123,15 @@ impl State {
             consecutive_failures: 0,
             last_error: None,
             description: None,
+            format: STATE_FORMAT,
+            unknown: Unknown::default(),
         }
+    }
+
+    /// True when a newer agent wrote this state (a rollback): its fields this version does not
+    /// know are kept as they are.
+    pub fn from_newer_version(&self) -> bool {
+        self.format > STATE_FORMAT
     }
 
     /// True when the token has a known expiry at or before `now`.
@@ -132,6 +162,15 @@ struct StateFile {
     last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     description: Option<String>,
+    #[serde(default = "first_format")]
+    format: u32,
+    /// Every field this version does not know (a newer format's), kept.
+    #[serde(flatten)]
+    unknown: serde_json::Map<String, serde_json::Value>,
+}
+
+fn first_format() -> u32 {
+    1
 }
 
 /// Formats a time as RFC 3339 UTC with seconds.
@@ -158,6 +197,9 @@ impl From<&State> for StateFile {
             consecutive_failures: s.consecutive_failures,
             last_error: s.last_error.clone(),
             description: s.description.clone(),
+            // Never lower than what was read: a rollback keeps the newer shape.
+            format: s.format.max(STATE_FORMAT),
+            unknown: s.unknown.0.clone(),
         }
     }
 }
@@ -177,6 +219,8 @@ impl From<StateFile> for State {
             // Read back from a file anyone with root may have edited: one line, as written.
             last_error: f.last_error.map(|e| crate::text::one_line(&e, 1000)),
             description: f.description,
+            format: f.format,
+            unknown: Unknown(f.unknown),
         }
     }
 }
@@ -265,8 +309,20 @@ impl StateStore {
         file.read_to_string(&mut text)
             .map_err(|e| io("cannot read", e))?;
         let file: StateFile =
-            serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path, source })?;
-        Ok((Some(file.into()), warnings))
+            serde_json::from_str(&text).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+        let state: State = file.into();
+        if state.from_newer_version() {
+            warnings.push(format!(
+                "state file {} has format {}, newer than this version's {STATE_FORMAT} (written by a newer exalsius-node-agent): its token is used, and the {} field(s) this version does not know are kept as they are",
+                path.display(),
+                state.format,
+                state.unknown.0.len()
+            ));
+        }
+        Ok((Some(state), warnings))
     }
 
     /// Creates the directory (0700) or tightens an existing one of ours that is open to

@@ -330,3 +330,56 @@ fn a_backup_is_a_copy_and_state_json_stays() {
     names.sort();
     assert_eq!(names, ["state.json", "state.json.bak"]);
 }
+
+/// A rollback: a state written by a newer version (a higher format, fields this one does not
+/// know) is read with a warning, its token used, and written back with every unknown field and
+/// the newer format number — never in an older shape.
+#[test]
+fn a_newer_format_is_kept_whole_through_a_save() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = StateStore::new(tmp.path().join("s"));
+    store.save(&sample()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(store.path()).unwrap()).unwrap();
+    assert_eq!(written["format"], STATE_FORMAT);
+    let mut newer = written.clone();
+    newer["format"] = 7.into();
+    newer["refresh_token"] = "rt-SECRET".into();
+    newer["nested"] = serde_json::json!({"a": [1, 2, {"b": null}]});
+    fs::write(store.path(), serde_json::to_vec(&newer).unwrap()).unwrap();
+    let (state, warnings) = store.load().unwrap();
+    let mut state = state.unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("format 7") && w.contains("kept")),
+        "{warnings:?}"
+    );
+    assert_eq!(
+        state.access_token.expose(),
+        written["access_token"].as_str().unwrap()
+    );
+    assert!(
+        !format!("{state:?}").contains("rt-SECRET"),
+        "unknown values are never shown"
+    );
+    // The token rotates and is saved: the newer fields and format survive.
+    state.access_token = crate::secret::Secret::new("rotated-2");
+    store.save(&state).unwrap();
+    let back: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(store.path()).unwrap()).unwrap();
+    assert_eq!(back["format"], 7);
+    assert_eq!(back["refresh_token"], "rt-SECRET");
+    assert_eq!(back["nested"], newer["nested"]);
+    assert_eq!(back["access_token"], "rotated-2");
+    // A file from before the field existed is format 1, written back as 1.
+    let mut old = written;
+    old.as_object_mut().unwrap().remove("format");
+    fs::write(store.path(), serde_json::to_vec(&old).unwrap()).unwrap();
+    let (state, warnings) = store.load().unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    store.save(&state.unwrap()).unwrap();
+    let back: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(store.path()).unwrap()).unwrap();
+    assert_eq!(back["format"], 1);
+}
