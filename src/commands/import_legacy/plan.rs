@@ -26,6 +26,7 @@ pub struct Legacy {
 /// file and the key.
 pub fn parse_legacy(text: &str, path: &Path) -> Result<Legacy, String> {
     let file = path.display();
+    refuse_expansions(text, &file.to_string())?;
     let mut node_id = None;
     let mut api_url = None;
     let mut token = None;
@@ -78,6 +79,34 @@ pub fn parse_legacy(text: &str, path: &Path) -> Result<Legacy, String> {
         api_url,
         token,
     })
+}
+
+/// The three values are taken exactly as written or not at all: dotenv (like a shell) expands
+/// `$NAME` and backslash escapes outside single quotes, which would silently turn a token that
+/// holds a `$` or `\` into another one. Such a line is refused, naming the key (never the value).
+fn refuse_expansions(text: &str, file: &str) -> Result<(), String> {
+    for line in text.lines() {
+        let line = line.trim_start();
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        if !matches!(key, "NODE_ID" | "API_URL" | "AUTH_TOKEN") {
+            continue;
+        }
+        let value = value.trim();
+        let single_quoted = value.len() >= 2 && value.starts_with('\'') && {
+            // The value ends at the closing quote (a comment may follow).
+            value[1..].contains('\'')
+        };
+        if !single_quoted && (value.contains('$') || value.contains('\\')) {
+            return Err(format!(
+                "{file}: {key} holds a `$` or `\\` outside single quotes, which dotenv expands: it would not be imported exactly as written; nothing was changed (put the value in single quotes)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A dotenv error without the line's text (it may hold the token): the key, if the line has a
@@ -251,6 +280,28 @@ mod tests {
             assert_eq!(l.node_id.to_string(), ID, "{text:?}");
             assert_eq!(l.api_url, "https://api.exalsius.ai/v1", "{text:?}");
             assert_eq!(l.token.expose(), "tok-1", "{text:?}");
+        }
+    }
+
+    #[test]
+    fn values_are_taken_exactly_as_written_or_refused() {
+        // In single quotes nothing is expanded: the token as written.
+        let l = parse(&format!(
+            "NODE_ID={ID}\nAPI_URL=https://api.exalsius.ai/v1\nAUTH_TOKEN='tok$HOME\\n' # note\n"
+        ))
+        .unwrap();
+        assert_eq!(l.token.expose(), "tok$HOME\\n");
+        // Elsewhere `$NAME` and escapes would be expanded: refused, the value never shown.
+        for token in ["tok$HOME", "\"tok${X}\"", "tok\\x", "\"a\\\"b\""] {
+            let text = format!(
+                "NODE_ID={ID}\nAPI_URL=https://api.exalsius.ai/v1\nexport AUTH_TOKEN={token}\n"
+            );
+            let e = parse(&text).unwrap_err();
+            assert!(
+                e.contains("AUTH_TOKEN") && e.contains("exactly as written"),
+                "{token}: {e}"
+            );
+            assert!(!e.contains(token), "{e}");
         }
     }
 
