@@ -20,7 +20,8 @@
 //! A failure names the shrunk sequence under "after:" (the steps that ran, with what the agent
 //! said; proptest's own "minimal failing input" line can show a later, passing candidate).
 //! `EXALSIUS_MODEL_CASES` (default 48) and `EXALSIUS_MODEL_SEED` (a number, or `random`;
-//! default a fixed seed, so CI explores the same sequences every run) tune the search.
+//! default a fixed seed, so CI explores the same sequences every run) tune the search;
+//! `EXALSIUS_MODEL_TRACE=1` prints each step and the agent's log.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, unsafe_code)]
 
 use exalsius_node_agent::api::{Answer, Failure, FailureKind, Issued, Outcome, Success};
