@@ -295,7 +295,7 @@ impl World {
                 arrived: arrived_tx,
                 replies: tokio::sync::Mutex::new(replies_rx),
             }));
-        let (reload, reload_rx) = mpsc::channel(4);
+        let (reload, reload_rx) = mpsc::channel(1);
         let shutdown = CancellationToken::new();
         let text = Arc::new(Mutex::new(self.config_text()));
         let reloader_text = text.clone();
@@ -399,7 +399,9 @@ impl World {
         let text = self.config_text();
         if let (Some(running), Some(shared)) = (&self.agent, &self.reloader_text) {
             *shared.lock().unwrap() = text;
-            running.reload.try_send(()).unwrap();
+            // As src/shutdown.rs does: SIGHUPs in a row coalesce into one pending reload, which
+            // reads the newest configuration.
+            let _ = running.reload.try_send(());
         }
     }
 
