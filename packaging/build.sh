@@ -12,7 +12,9 @@
 # Writes SHA256SUMS beside the packages and prints what it built.
 #
 # Environment: DEB_REVISION (default 1) sets the package revision, e.g. to build an
-# "upgrade" of the same version in tests.
+# "upgrade" of the same version in tests. SOURCE_DATE_EPOCH (default: the commit's time) is
+# every timestamp the packages carry, so two builds of one commit are the same bytes
+# (packaging/test-reproducible.sh checks it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=all
@@ -45,6 +47,10 @@ cp "$assets/gen/exalsius-node-agent.bash" "$assets/gen/_exalsius-node-agent" \
    "$assets/gen/exalsius-node-agent.fish" "$assets/"
 
 revision=${DEB_REVISION:-1}
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+  SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 0)
+fi
+export SOURCE_DATE_EPOCH
 version=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["packages"][0]["version"])')
 
 # build_one DEB_ARCH TRIPLE TARGET_DIR [RUSTC]
