@@ -1,4 +1,4 @@
-//! Footprint marks for the benchmark (`bench/footprint.sh`): with `EXALSIUS_FOOTPRINT_MARKS`
+//! Footprint marks for the benchmark (`bench/footprint.py`): with `EXALSIUS_FOOTPRINT_MARKS`
 //! set to a file, each phase of `run` (command line parsed, configuration, logging, runtime,
 //! HTTP client with its TLS roots, state, first inventory, first and later heartbeats) appends
 //! the process's resident memory at that moment — total, anonymous, file-backed and the peak —
