@@ -292,8 +292,8 @@ impl StateStore {
         }
         let mode = meta.permissions().mode() & 0o777;
         // Only a file of ours is changed (another user's is read as it is).
-        let ours = crate::perms::current_uid() == Some(std::os::unix::fs::MetadataExt::uid(&meta));
-        if tighten && ours && mode & 0o077 != 0 {
+        let open = tighten && mode & 0o077 != 0;
+        if open && crate::perms::current_uid() == Some(std::os::unix::fs::MetadataExt::uid(&meta)) {
             match file.set_permissions(fs::Permissions::from_mode(FILE_MODE)) {
                 Ok(()) => warnings.push(format!(
                     "state file {} had mode {mode:04o}; tightened to {FILE_MODE:04o}",
@@ -340,7 +340,9 @@ impl StateStore {
         match fs::metadata(&self.dir) {
             Ok(meta) if meta.is_dir() => {
                 let mode = meta.permissions().mode() & 0o777;
-                let ours = crate::perms::current_uid() == Some(meta.uid());
+                // Whose it is matters only when it is open (save runs this every heartbeat:
+                // no extra system call on the usual path).
+                let ours = mode & 0o077 == 0 || crate::perms::current_uid() == Some(meta.uid());
                 if !ours && mode & 0o022 != 0 {
                     return Err(io(
                         "refusing to use",
