@@ -5,6 +5,10 @@ token retires every token issued before it; tokens issued after it stay valid (s
 killed between issue and persist still works). Every request is appended to a JSON-lines log:
 {"t": epoch seconds, "node": id, "auth": header, "status": code, "body": parsed JSON or null}.
 
+FLEET_NODE (bootstrap FLEET_TOKEN) is a node of its own for the repository's upgrade and
+rollback test, which begins after the other nodes' tokens have rotated. A PATCH answered 200
+logs the token it issued under "issued".
+
 LEGACY_NODE is a node client-hw-info registered long ago: its bootstrap is retired, and only
 LEGACY_TOKEN (the latest token the old tool rotated to) is accepted for it.
 
@@ -25,10 +29,13 @@ port, log_path, node_id, boot, register_token = (
 REGISTERED_NODE = "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d"
 LEGACY_NODE = "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"
 LEGACY_TOKEN = "legacy-SECRET-token-9"
+FLEET_NODE = "7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f"
+FLEET_TOKEN = "fleet-SECRET-token-5"
 lock = threading.Lock()
 # Per node: tokens in issue order, the tokens accepted now, and its bootstrap token.
 nodes = {node_id: {"issued": [], "accepted": {boot}, "boot": boot},
-         LEGACY_NODE: {"issued": [LEGACY_TOKEN], "accepted": {LEGACY_TOKEN}, "boot": None}}
+         LEGACY_NODE: {"issued": [LEGACY_TOKEN], "accepted": {LEGACY_TOKEN}, "boot": None},
+         FLEET_NODE: {"issued": [], "accepted": {FLEET_TOKEN}, "boot": FLEET_TOKEN}}
 counter = [0]
 
 
@@ -92,6 +99,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
         node = self.path.rstrip("/").rsplit("/", 1)[-1]
+        issued = None
         with lock:
             entry = nodes.get(node)
             if entry is None:
@@ -106,10 +114,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     for old in entry["issued"][:used_at]:
                         entry["accepted"].discard(old)
                     entry["accepted"].discard(entry["boot"])
-                status, answer = 200, {"node_id": node, "next_access_token": issue(entry),
+                issued = issue(entry)
+                status, answer = 200, {"node_id": node, "next_access_token": issued,
                                        "next_access_token_expires_in": 3600,
                                        "next_access_token_type": "Bearer"}
-            log({"method": "PATCH", "node": node, "auth": auth, "status": status, "body": body})
+            log({"method": "PATCH", "node": node, "auth": auth, "status": status, "body": body,
+                 "issued": issued})
         self.answer(status, answer)
 
     def log_message(self, *args):

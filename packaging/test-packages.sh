@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The proof for the unit and the packages, run by .ci/run:
-#   1. build the .deb and .rpm (and a -2 revision of the .deb for the upgrade test);
+#   1. build the .deb and .rpm (and a -2 revision of the .deb for the upgrade test), and the
+#      previous release (packaging/previous-release, cached); the signed apt and yum
+#      repositories of both (packaging/repo.sh, throw-away keys) and badly signed copies;
+#      rpm -K and dnf against the signed RPM side;
 #   2. lintian, rpmlint, the glibc symbol ceiling, rpm metadata, systemd-analyze security;
 #   3. boot a real systemd (Debian bookworm minbase, debootstrap, cached) with systemd-nspawn
 #      and, as an operator would: install, configure, restart, reload, SIGKILL, watchdog,
-#      journal, upgrade, purge; then the .rpm with rpm -i --nodeps in the same container.
+#      journal, upgrade, purge; then the .rpm with rpm -i --nodeps in the same container; then
+#      a fleet host: badly signed repositories refused, the previous release installed from
+#      the signed apt repository, upgraded while running, rolled back and upgraded again, the
+#      token chain unbroken at the stand-in API.
 # A stand-in for the API runs on the host's 127.0.0.1, which the container shares.
 # Cleans up what it started. Needs root.
 #
@@ -89,6 +95,129 @@ DEB=$(ls "$PKG"/exalsius-node-agent_*-1_amd64.deb)
 DEB2=$(ls "$PKG"/upgrade/exalsius-node-agent_*-2_amd64.deb)
 RPM=$(ls "$PKG"/exalsius-node-agent-*.x86_64.rpm)
 ok "built $(basename "$DEB"), $(basename "$DEB2"), $(basename "$RPM")"
+
+say "the previous release and the signed repositories (packaging/repo.sh)"
+# The release before this one (packaging/previous-release), built from its commit once per
+# machine: the upgrade → rollback test installs it from the repository.
+read -r PREV_VERSION PREV_COMMIT < <(grep -v '^#' packaging/previous-release)
+prev=$CACHE/previous-release/$PREV_COMMIT
+if ! compgen -G "$prev/exalsius-node-agent_${PREV_VERSION}-1_amd64.deb" >/dev/null; then
+  git cat-file -e "$PREV_COMMIT^{commit}" 2>/dev/null \
+    || die "the previous release's commit $PREV_COMMIT is not in this clone (a shallow clone? git fetch --unshallow)"
+  git clone -q "$PWD" "$WORK/prev" && git -C "$WORK/prev" -c advice.detachedHead=false checkout -q "$PREV_COMMIT"
+  rm -rf "$prev.tmp"
+  (cd "$WORK/prev" && bash packaging/build.sh --arch amd64 "$prev.tmp") >"$WORK/build-prev.log" 2>&1 \
+    || { tail -30 "$WORK/build-prev.log"; die "build of the previous release $PREV_VERSION ($PREV_COMMIT)"; }
+  rm -rf "$prev" "$WORK/prev"
+  mv "$prev.tmp" "$prev"
+fi
+PREV_DEB=$(ls "$prev"/exalsius-node-agent_"$PREV_VERSION"-1_amd64.deb)
+PREV_RPM=$(ls "$prev"/exalsius-node-agent-"$PREV_VERSION"-1.x86_64.rpm)
+missing=()
+for tool in apt-ftparchive:apt-utils createrepo_c:createrepo-c dnf:dnf; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Throw-away keys: the repository's and another one (the "wrongly signed" repository).
+keys() { # NAME: a GnuPG home $WORK/NAME with one unprotected signing key, exported to $WORK/NAME.sec
+  install -d -m 700 "$WORK/$1"
+  GNUPGHOME=$WORK/$1 gpg --batch --quiet --passphrase '' --quick-gen-key "exalsius $1 test key <$1@invalid>" rsa3072 sign 1d
+  GNUPGHOME=$WORK/$1 gpg --batch --quiet --export-secret-keys >"$WORK/$1.sec"
+}
+keys good
+keys other
+REPOS=$PKG/repos
+rm -rf "$REPOS"
+mkdir -p "$REPOS"
+bash packaging/repo.sh --key-file "$WORK/good.sec" --url "file:///mnt/pkg/repos/good" "$REPOS/good" \
+  "$PREV_DEB" "$PREV_RPM" "$PKG"/*.deb "$PKG"/*.rpm >"$WORK/repo.log" 2>&1 || { cat "$WORK/repo.log"; die "repo.sh"; }
+for f in apt/dists/stable/InRelease apt/dists/stable/Release.gpg apt/dists/stable/main/binary-amd64/Packages.gz \
+         apt/dists/stable/main/binary-arm64/Packages.gz rpm/x86_64/repodata/repomd.xml.asc \
+         rpm/aarch64/repodata/repomd.xml.asc exalsius-archive-keyring.gpg RPM-GPG-KEY-exalsius; do
+  [ -s "$REPOS/good/$f" ] || die "the repository lacks $f"
+done
+gpgv --keyring "$REPOS/good/exalsius-archive-keyring.gpg" "$REPOS/good/apt/dists/stable/InRelease" 2>/dev/null \
+  || die "InRelease does not verify against the exported keyring"
+if GNUPGHOME=$WORK/good gpg --batch --list-packets "$REPOS/good/exalsius-archive-keyring.gpg" 2>/dev/null | grep -q 'secret key packet'; then
+  die "the published keyring holds a secret key"
+fi
+[ "$(grep -c '^Version: ' "$REPOS/good/apt/dists/stable/main/binary-amd64/Packages")" = 2 ] || die "amd64 Packages should list $PREV_VERSION and this build"
+ok "repo.sh: apt (InRelease, Release.gpg, Packages for amd64 and arm64) and yum (repodata, repomd.xml.asc for x86_64 and aarch64), public key only; $PREV_VERSION-1 and $(dpkg-deb -f "$DEB" Version) side by side"
+# What an operator gets wrong: each refused with a line naming it, before anything is written.
+install -d -m 700 "$WORK/locked"
+GNUPGHOME=$WORK/locked gpg --batch --quiet --pinentry-mode loopback --passphrase hunter2 \
+  --quick-gen-key 'exalsius locked test key <locked@invalid>' rsa3072 sign 1d
+GNUPGHOME=$WORK/locked gpg --batch --quiet --pinentry-mode loopback --passphrase hunter2 --export-secret-keys >"$WORK/locked.sec"
+cat "$WORK/good.sec" "$WORK/other.sec" >"$WORK/two.sec"
+refused() { # EXPECTED-MESSAGE ARGS...: repo.sh exits 1 saying so and leaves no repository behind
+  local want=$1
+  shift
+  if bash packaging/repo.sh "$@" >"$WORK/refused.log" 2>&1 </dev/null; then
+    die "repo.sh accepted $*"
+  fi
+  grep -q "$want" "$WORK/refused.log" || { cat "$WORK/refused.log"; die "repo.sh $*: expected '$want'"; }
+  [ ! -e "$WORK/badrepo" ] || die "repo.sh $* left $WORK/badrepo behind"
+}
+bad=$WORK/badrepo
+refused "no signing key" "$bad" "$DEB"
+refused "cannot sign without a passphrase" --key-file "$WORK/locked.sec" "$bad" "$DEB"
+refused "not an OpenPGP key" --key-file packaging/changelog "$bad" "$DEB"
+refused "2 secret keys .*choose one with --key" --key-file "$WORK/two.sec" "$bad" "$DEB"
+refused "no secret key matching nobody@invalid" --gnupghome "$WORK/good" --key nobody@invalid "$bad" "$DEB"
+refused "neither a .deb nor an .rpm" --key-file "$WORK/good.sec" "$bad" "$DEB" "$PKG/SHA256SUMS"
+refused "no such file" --key-file "$WORK/good.sec" "$bad" "$PKG/absent.deb"
+ok "repo.sh refuses, naming the problem and writing nothing: no key, a key that needs a passphrase, a file that is no key, two keys without --key, an unknown --key, a file that is no package, a missing one"
+# The badly signed variants apt must refuse: signed by another key, not signed, and a
+# package changed after signing.
+cp -a "$REPOS/good" "$REPOS/wrongkey"
+(export GNUPGHOME=$WORK/other
+ gpg --batch --yes --quiet --clearsign -o "$REPOS/wrongkey/apt/dists/stable/InRelease" "$REPOS/wrongkey/apt/dists/stable/Release"
+ gpg --batch --yes --quiet --detach-sign --armor -o "$REPOS/wrongkey/apt/dists/stable/Release.gpg" "$REPOS/wrongkey/apt/dists/stable/Release"
+ gpg --batch --yes --quiet --detach-sign --armor -o "$REPOS/wrongkey/rpm/x86_64/repodata/repomd.xml.asc" "$REPOS/wrongkey/rpm/x86_64/repodata/repomd.xml")
+cp -a "$REPOS/good" "$REPOS/unsigned"
+rm "$REPOS/unsigned/apt/dists/stable/InRelease" "$REPOS/unsigned/apt/dists/stable/Release.gpg"
+cp -a "$REPOS/good" "$REPOS/tampered"
+for d in "$REPOS/tampered/apt/pool/main/$(basename "$DEB")" "$REPOS"/tampered/rpm/x86_64/*-1.x86_64.rpm; do
+  # One byte of the payload changed, the size kept.
+  printf 'X' | dd of="$d" bs=1 seek=$(($(stat -c %s "$d") - 4096)) conv=notrunc 2>/dev/null
+done
+
+say "the RPM side: rpm -K against the exported key, dnf against the signed repodata"
+rpmdb=$WORK/rpmdb
+mkdir -p "$rpmdb"
+for r in "$REPOS"/good/rpm/*/*.rpm; do
+  rpm --dbpath "$rpmdb" -K "$r" >"$WORK/rpmk.txt" 2>&1 && die "rpm -K passed $(basename "$r") before the key was imported"
+done
+rpm --dbpath "$rpmdb" --import "$REPOS/good/RPM-GPG-KEY-exalsius"
+for r in "$REPOS"/good/rpm/*/*.rpm; do
+  rpm --dbpath "$rpmdb" -Kv "$r" >"$WORK/rpmk.txt" 2>&1 || { cat "$WORK/rpmk.txt"; die "rpm -K $(basename "$r")"; }
+  grep -q 'Signature, key ID .*: OK' "$WORK/rpmk.txt" || { cat "$WORK/rpmk.txt"; die "$(basename "$r") carries no signature rpm checked"; }
+done
+for r in "$REPOS"/tampered/rpm/x86_64/*-1.x86_64.rpm "$RPM"; do
+  # A changed package fails; the unsigned build output passes only its digests (no "signatures OK").
+  if rpm --dbpath "$rpmdb" -K "$r" 2>&1 | grep -q 'signatures OK'; then die "rpm -K: $r passes as signed"; fi
+done
+ok "rpm -K: both signed .rpms OK against RPM-GPG-KEY-exalsius (and NOT OK before it is imported); a changed payload fails"
+dnf_repo() { # VARIANT: dnf's view of REPOS/VARIANT/rpm/x86_64 with repo_gpgcheck=1, gpgkey= the good key
+  local d=$WORK/dnf-$1
+  rm -rf "$d"
+  mkdir -p "$d/repos"
+  printf '[exalsius]\nname=exalsius\nbaseurl=file://%s\nenabled=1\ngpgcheck=1\nrepo_gpgcheck=1\ngpgkey=file://%s\n' \
+    "$REPOS/$1/rpm/x86_64" "$REPOS/good/RPM-GPG-KEY-exalsius" >"$d/repos/exalsius.repo"
+  dnf -y --installroot "$d/root" --setopt=reposdir="$d/repos" --releasever 9 --forcearch x86_64 \
+    repoquery --qf '%{version}-%{release}' exalsius-node-agent
+}
+dnf_repo good >"$WORK/dnf.out" 2>"$WORK/dnf.err" || { cat "$WORK/dnf.err"; die "dnf repoquery (good repository)"; }
+grep -qx "$(rpm -qp --qf '%{VERSION}-%{RELEASE}' "$RPM" 2>/dev/null)" "$WORK/dnf.out" && grep -qx "$PREV_VERSION-1" "$WORK/dnf.out" \
+  || { cat "$WORK/dnf.out" "$WORK/dnf.err"; die "dnf does not offer both versions from the signed repository"; }
+# dnf's repoquery exits 0 when it ignores a repository: what it printed decides.
+dnf_repo wrongkey >"$WORK/dnf-wrong.out" 2>"$WORK/dnf-wrong.err" || true
+if grep -q '^[0-9]' "$WORK/dnf-wrong.out" || ! grep -q 'GPG signature verification error' "$WORK/dnf-wrong.err"; then
+  cat "$WORK/dnf-wrong.out" "$WORK/dnf-wrong.err"; die "dnf used repodata signed by another key, or did not say why it refused it"
+fi
+ok "dnf (repo_gpgcheck=1): reads the repodata signed by the repository's key ($PREV_VERSION-1 and this build offered); refuses it signed by another key"
 
 say "static checks"
 . packaging/checks.sh
@@ -645,6 +774,135 @@ inside rpm -e exalsius-node-agent >"$WORK/rpm-e.log" 2>&1 || { cat "$WORK/rpm-e.
 [ "$(inside systemctl is-active exalsius-node-agent || true)" != active ] || die "%preun did not stop it"
 inside test -f /var/lib/exalsius-node-agent/state.json || die "rpm -e removed the state"
 ok "rpm -e: %preun stopped and disabled; the state (token) is kept, as Debian's remove keeps it"
+fi
+
+if amd64_only "the signed apt repository: install, upgrade and rollback"; then
+say "a fleet host: the signed apt repository (README \"Installing on a fleet\")"
+inside rm -rf /var/lib/exalsius-node-agent /etc/exalsius
+inside userdel exalsius-agent 2>/dev/null || true
+# Only the repository under test (the container is a throw-away snapshot): apt reads no mirror.
+inside sh -c 'mkdir -p /root/apt-off && mv /etc/apt/sources.list /etc/apt/sources.list.d/* /root/apt-off/ 2>/dev/null; true'
+# The two steps README "Installing on a fleet" gives a host: the keyring and the .sources file.
+inside install -m 0644 /mnt/pkg/repos/good/exalsius-archive-keyring.gpg /usr/share/keyrings/exalsius-archive-keyring.gpg
+apt_source() { # VARIANT: the repository's exalsius.sources, pointed at REPOS/VARIANT; fresh lists
+  inside sh -c "sed 's|/repos/good/|/repos/$1/|' /mnt/pkg/repos/good/exalsius.sources >/etc/apt/sources.list.d/exalsius.sources"
+  inside sh -c 'rm -rf /var/lib/apt/lists/* && apt-get clean'
+}
+installed() { inside dpkg-query -W -f '${db:Status-Status} ${Version}' exalsius-node-agent 2>/dev/null || true; }
+for v in wrongkey unsigned; do
+  apt_source "$v"
+  inside apt-get update >"$WORK/update-$v.log" 2>&1 || true
+  case "$v" in
+    wrongkey) grep -qE 'NO_PUBKEY|signatures (couldn.t be verified|were invalid)' "$WORK/update-$v.log" ;;
+    unsigned) grep -q 'is not signed' "$WORK/update-$v.log" ;;
+  esac || { cat "$WORK/update-$v.log"; die "apt-get update did not name the $v repository's signature problem"; }
+  if inside apt-get install -y -q exalsius-node-agent >"$WORK/install-$v.log" 2>&1; then
+    cat "$WORK/install-$v.log"; die "apt-get installed from the $v repository"
+  fi
+  case "$(installed)" in installed*) die "installed from the $v repository" ;; esac
+done
+ok "a repository signed by another key (NO_PUBKEY) and an unsigned one: apt-get update refuses them, nothing installed"
+apt_source tampered
+inside apt-get update >"$WORK/update-tampered.log" 2>&1 || { cat "$WORK/update-tampered.log"; die "apt-get update (tampered package)"; }
+if inside apt-get install -y -q exalsius-node-agent >"$WORK/install-tampered.log" 2>&1; then
+  cat "$WORK/install-tampered.log"; die "apt-get installed a package changed after signing"
+fi
+grep -qE 'Hash Sum mismatch|Hashes of expected file' "$WORK/install-tampered.log" \
+  || { cat "$WORK/install-tampered.log"; die "apt-get refused the changed package without naming the hash"; }
+case "$(installed)" in installed*) die "the changed package got installed" ;; esac
+ok "a package changed after signing: apt-get install refuses it (hash mismatch), nothing installed"
+
+apt_source good
+inside apt-get update >"$WORK/update-good.log" 2>&1 || { cat "$WORK/update-good.log"; die "apt-get update (good repository)"; }
+if grep -qE '^(W|E):' "$WORK/update-good.log"; then cat "$WORK/update-good.log"; die "apt-get update warned about the good repository"; fi
+CUR_VERSION=$(dpkg-deb -f "$DEB" Version)
+inside apt-cache madison exalsius-node-agent >"$WORK/madison.txt"
+grep -q "$PREV_VERSION-1" "$WORK/madison.txt" && grep -q "$CUR_VERSION" "$WORK/madison.txt" \
+  || { cat "$WORK/madison.txt"; die "apt does not offer both $PREV_VERSION-1 and $CUR_VERSION"; }
+ok "apt-get update: the repository verifies against its keyring (signed-by=); $PREV_VERSION-1 and $CUR_VERSION offered"
+
+FLEET_NODE=7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f
+FLEET_TOKEN=fleet-SECRET-token-5
+FLEET_MARKS=
+fleet_rows() { python3 -c 'import json,sys; print(sum(1 for l in open(sys.argv[1]) if json.loads(l).get("node") == sys.argv[2]))' "$API_LOG" "$FLEET_NODE"; }
+fleet_chain() { # every heartbeat of FLEET_NODE answered 200, each with the token the answer before it issued
+  python3 - "$API_LOG" "$FLEET_NODE" "$FLEET_TOKEN" "$FLEET_MARKS" <<'EOF'
+import json, sys
+log, node, boot, marks = sys.argv[1], sys.argv[2], sys.argv[3], {int(m) for m in sys.argv[4].split()}
+rows = [r for r in map(json.loads, open(log)) if r.get("node") == node]
+bad = [i for i, r in enumerate(rows) if r["status"] != 200]
+assert rows and not bad, f"heartbeats {bad} of {len(rows)} were not answered 200"
+assert rows[0]["auth"] == "Bearer " + boot, "the first heartbeat did not carry the configured token"
+for i in range(1, len(rows)):
+    want = ["Bearer " + rows[i - 1]["issued"]]
+    if i in marks:
+        # The first heartbeat of a new process: the last answer of the old one may have been cut
+        # off by the stop (SIGTERM ends a heartbeat in flight); then the token before it.
+        want.append("Bearer " + (rows[i - 2]["issued"] if i >= 2 else boot))
+    assert rows[i]["auth"] in want, f"heartbeat {i} carried neither the last rotated token nor (after a restart) the one before"
+print(len(rows))
+EOF
+}
+fleet_step() { # LABEL VERSION: the agent of VERSION runs, heartbeats rotate with the last token, status says so
+  local before n
+  before=$(fleet_rows)
+  for _ in $(seq $((150 * TIME_SCALE))); do [ "$(fleet_rows)" -ge $((before + 3)) ] && break; sleep 0.1; done
+  [ "$(fleet_rows)" -ge $((before + 3)) ] || { inside journalctl -u exalsius-node-agent --no-pager | tail -20; die "$1: no heartbeats"; }
+  n=$(fleet_chain) || { inside journalctl -u exalsius-node-agent --no-pager | tail -20; die "$1: the token chain broke"; }
+  [ "$(installed)" = "installed $2" ] || die "$1: dpkg says $(installed), expected $2"
+  inside exalsius-node-agent --version | grep -q " ${2%-*}\$" || die "$1: the binary is not ${2%-*}"
+  inside exalsius-node-agent status --json >"$WORK/status.json" || { cat "$WORK/status.json"; die "$1: status unhealthy"; }
+  python3 - "$WORK/status.json" "$FLEET_NODE" <<'EOF' || die "$1: status"
+import json, sys
+s = json.load(open(sys.argv[1]))
+assert s["node_id"] == sys.argv[2] and s["healthy"] and s["last_result"] == "ok", s
+EOF
+  echo "$1: $n heartbeats of the fleet node so far, each with the last rotated token"
+}
+
+inside apt-get install -y -q exalsius-node-agent="$PREV_VERSION-1" >"$WORK/apt-prev.log" 2>&1 \
+  || { cat "$WORK/apt-prev.log"; die "apt-get install exalsius-node-agent=$PREV_VERSION-1"; }
+inside bash -c "cat > /etc/exalsius/node-agent.toml" <<EOF
+[api]
+url = "http://127.0.0.1:$port/v1"
+node_id = "$FLEET_NODE"
+access_token = "$FLEET_TOKEN"
+
+[heartbeat]
+interval = "1s"
+jitter = 0.0
+EOF
+inside systemctl restart exalsius-node-agent
+fleet_step "installed $PREV_VERSION-1 from the repository" "$PREV_VERSION-1"
+if inside grep -q '"format"' /var/lib/exalsius-node-agent/state.json; then die "$PREV_VERSION wrote a format number?"; fi
+ok "apt-get install exalsius-node-agent=$PREV_VERSION-1 from the repository: heartbeats rotate the token, status healthy"
+
+pid=$(svc MainPID)
+FLEET_MARKS="$FLEET_MARKS $(fleet_rows)"
+inside apt-get upgrade -y -q >"$WORK/apt-upgrade.log" 2>&1 || { cat "$WORK/apt-upgrade.log"; die "apt-get upgrade"; }
+[ "$(svc MainPID)" != "$pid" ] || die "apt-get upgrade did not restart the service"
+fleet_step "apt-get upgrade to $CUR_VERSION while it ran" "$CUR_VERSION"
+inside grep -q '"format": 1' /var/lib/exalsius-node-agent/state.json || die "$CUR_VERSION did not write state format 1"
+inside grep -q "$FLEET_NODE" /etc/exalsius/node-agent.toml || die "the upgrade replaced the operator's config"
+ok "apt-get upgrade $PREV_VERSION-1 → $CUR_VERSION while running: restarted, the next heartbeat carried the last rotated token, config kept, state now format 1"
+
+pid=$(svc MainPID)
+FLEET_MARKS="$FLEET_MARKS $(fleet_rows)"
+inside apt-get install -y -q --allow-downgrades exalsius-node-agent="$PREV_VERSION-1" >"$WORK/apt-rollback.log" 2>&1 \
+  || { cat "$WORK/apt-rollback.log"; die "rollback"; }
+[ "$(svc MainPID)" != "$pid" ] || die "the rollback did not restart the service"
+fleet_step "rollback to $PREV_VERSION-1" "$PREV_VERSION-1"
+ok "rollback (apt-get install exalsius-node-agent=$PREV_VERSION-1 --allow-downgrades): $PREV_VERSION reads the format-1 state, heartbeats with the last rotated token, status healthy"
+
+pid=$(svc MainPID)
+FLEET_MARKS="$FLEET_MARKS $(fleet_rows)"
+inside apt-get install -y -q exalsius-node-agent >"$WORK/apt-again.log" 2>&1 || { cat "$WORK/apt-again.log"; die "upgrade after the rollback"; }
+[ "$(svc MainPID)" != "$pid" ] || die "the second upgrade did not restart the service"
+fleet_step "upgrade again after the rollback" "$CUR_VERSION"
+ok "upgrade again to $CUR_VERSION after the rollback: the token chain holds ($(fleet_rows) heartbeats, every one 200)"
+inside journalctl -u exalsius-node-agent --no-pager >"$WORK/journal-fleet.txt"
+if grep -q SECRET "$WORK/journal-fleet.txt" "$WORK"/apt-{prev,upgrade,rollback,again}.log; then die "a token in the journal or apt's output"; fi
+inside apt-get purge -y -q exalsius-node-agent >/dev/null 2>&1 || die "purge after the fleet test"
 fi
 
 say "done: $checks checks passed ($ARCH)"
