@@ -900,6 +900,18 @@ inside apt-get install -y -q exalsius-node-agent >"$WORK/apt-again.log" 2>&1 || 
 [ "$(svc MainPID)" != "$pid" ] || die "the second upgrade did not restart the service"
 fleet_step "upgrade again after the rollback" "$CUR_VERSION"
 ok "upgrade again to $CUR_VERSION after the rollback: the token chain holds ($(fleet_rows) heartbeats, every one 200)"
+# The next rollback, as this version will see it: a state written by a newer format, with a
+# field this version does not know.
+inside systemctl stop exalsius-node-agent
+inside sed -i 's/"format": 1/"format": 2, "rollout_wave": {"wave": 3}/' /var/lib/exalsius-node-agent/state.json
+FLEET_MARKS="$FLEET_MARKS $(fleet_rows)"
+inside systemctl start exalsius-node-agent
+fleet_step "a state from a newer format" "$CUR_VERSION"
+inside journalctl -u exalsius-node-agent --no-pager -n 40 | grep -q 'has format 2, newer than this version' \
+  || die "no line saying the state is from a newer version"
+inside grep -q '"format": 2' /var/lib/exalsius-node-agent/state.json || die "the newer format number was lowered"
+inside grep -q '"rollout_wave"' /var/lib/exalsius-node-agent/state.json || die "a newer version's field was dropped"
+ok "a state from a newer format (2, an unknown field): used with a warning, heartbeats go on with its token, saved back with format 2 and the field"
 inside journalctl -u exalsius-node-agent --no-pager >"$WORK/journal-fleet.txt"
 if grep -q SECRET "$WORK/journal-fleet.txt" "$WORK"/apt-{prev,upgrade,rollback,again}.log; then die "a token in the journal or apt's output"; fi
 inside apt-get purge -y -q exalsius-node-agent >/dev/null 2>&1 || die "purge after the fleet test"
