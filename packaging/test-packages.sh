@@ -114,7 +114,7 @@ fi
 PREV_DEB=$(ls "$prev"/exalsius-node-agent_"$PREV_VERSION"-1_amd64.deb)
 PREV_RPM=$(ls "$prev"/exalsius-node-agent-"$PREV_VERSION"-1.x86_64.rpm)
 missing=()
-for tool in apt-ftparchive:apt-utils createrepo_c:createrepo-c dnf:dnf; do
+for tool in apt-ftparchive:apt-utils createrepo_c:createrepo-c dnf:dnf gpg:gnupg gpgv:gpgv; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
