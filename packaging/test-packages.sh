@@ -118,6 +118,7 @@ for tool in apt-ftparchive:apt-utils createrepo_c:createrepo-c dnf:dnf gpg:gnupg
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # Throw-away keys: the repository's and another one (the "wrongly signed" repository).
