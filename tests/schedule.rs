@@ -107,11 +107,23 @@ async fn run_mode(
     tune: impl FnOnce(Agent) -> Agent,
 ) -> (Vec<Sent>, Result<(), heartbeat::RunError>) {
     let dir = tempfile::tempdir().unwrap();
+    run_in(dir.path(), mode, script, extra, window, tune).await
+}
+
+/// Like `run_mode` with the state directory `dir` (a second run finds the first one's state).
+async fn run_in(
+    dir: &Path,
+    mode: Mode,
+    script: Vec<Outcome>,
+    extra: &str,
+    window: Duration,
+    tune: impl FnOnce(Agent) -> Agent,
+) -> (Vec<Sent>, Result<(), heartbeat::RunError>) {
     let text = format!(
         "[api]\nurl = \"http://127.0.0.1:9/v1\"\nnode_id = \"{NODE}\"\naccess_token = \"boot\"\n\
          [heartbeat]\ninterval = \"60s\"\njitter = 0.0\ninitial_backoff = \"1s\"\nmax_backoff = \"300s\"\n\
          [inventory]\ngpu = \"off\"\n[state]\ndir = \"{}\"\n{extra}",
-        dir.path().display()
+        dir.display()
     );
     let cfg = Config::from_toml(&text, Path::new("/t.toml"), &Overrides::default(), &|_| {
         None
@@ -325,4 +337,53 @@ async fn once_stops_after_success_a_final_failure_or_three_attempts() {
     let stuck = vec![failed(FailureKind::Retryable, 503, Some(500))];
     let (_, result) = run_mode(Mode::Once, stuck, "", 10 * S, |a| a).await;
     assert!(result.unwrap_err().to_string().contains("interrupted"));
+}
+
+/// `--once` with a stored token the API no longer accepts makes the daemon's immediate try with
+/// the configured token before it reports anything: an operator running it in the foreground
+/// must see what the service would do, not a failure the service would have recovered from.
+#[tokio::test(start_paused = true)]
+async fn once_tries_the_configured_token_when_the_stored_one_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = |script| run_in(dir.path(), Mode::Once, script, "", 600 * S, |a| a);
+    let (_, result) = once(vec![ok("t1", None)]).await;
+    assert!(result.is_ok(), "the first run stores t1");
+
+    let (sent, result) = once(vec![
+        failed(FailureKind::Unauthorized, 401, None),
+        ok("t2", None),
+    ])
+    .await;
+    let tokens: Vec<&str> = sent.iter().map(|s| s.token.as_str()).collect();
+    assert_eq!(
+        tokens,
+        ["t1", "boot"],
+        "the configured token right after the 401"
+    );
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(gaps(&sent), [Duration::ZERO], "at once, as the daemon does");
+
+    // Both rejected: a failure naming the 401, after the fallback and not before; no third try.
+    let (sent, result) = once(vec![
+        failed(FailureKind::Unauthorized, 401, None),
+        failed(FailureKind::Unauthorized, 401, None),
+    ])
+    .await;
+    let tokens: Vec<&str> = sent.iter().map(|s| s.token.as_str()).collect();
+    assert_eq!(tokens, ["t2", "boot"]);
+    assert!(result.unwrap_err().to_string().contains("HTTP 401"));
+
+    // Only the configured token to try (nothing stored for it yet): one 401 is final.
+    let fresh = tempfile::tempdir().unwrap();
+    let (sent, result) = run_in(
+        fresh.path(),
+        Mode::Once,
+        vec![failed(FailureKind::Unauthorized, 401, None)],
+        "",
+        600 * S,
+        |a| a,
+    )
+    .await;
+    assert_eq!(sent.len(), 1);
+    assert!(result.is_err());
 }

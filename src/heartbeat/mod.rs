@@ -220,8 +220,9 @@ struct Next {
     wait: Duration,
     /// The failure, when the attempt failed.
     failure: Option<Failure>,
-    /// Retry at once: with the bootstrap token after a 401, or without a body after a
-    /// 400/422 (not counted as an attempt by `--once`).
+    /// Retry at once: with the bootstrap token after a 401 (`--once` makes that try too and
+    /// does not count it as an attempt), or without a body after a 400/422 (for `--once` the
+    /// rejection is final: it reports it).
     immediate: bool,
 }
 

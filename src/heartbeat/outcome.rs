@@ -119,7 +119,12 @@ impl Agent {
                 );
                 wait
             }
-            FailureKind::Unauthorized => self.on_rejected_token(&failure, n, now),
+            FailureKind::Unauthorized => {
+                let (wait, retry_now) = self.on_rejected_token(&failure, n, now);
+                // The one immediate try with the configured token: `--once` makes it too.
+                immediate = retry_now;
+                wait
+            }
             FailureKind::NotFound => {
                 let wait = self.next_wait(Verdict::Slow, now);
                 error!(
@@ -162,19 +167,20 @@ impl Agent {
     }
 
     /// 401/403: the credential rules decide the token; the log says what the operator can do.
+    /// Returns the wait and whether it is the immediate try with the configured token.
     pub(super) fn on_rejected_token(
         &mut self,
         failure: &Failure,
         n: u32,
         now: SystemTime,
-    ) -> Duration {
+    ) -> (Duration, bool) {
         let rejected = self.creds.sending();
         match self.creds.on_rejected() {
             AfterRejection::RetryNow => {
                 warn!(
                     "heartbeat failed: {failure}; the stored token was rejected, retrying once with the configured token (the stored token is kept)"
                 );
-                self.next_wait(Verdict::Now, now)
+                (self.next_wait(Verdict::Now, now), true)
             }
             AfterRejection::RetrySlowly { switched } => {
                 let wait = self.next_wait(Verdict::Slow, now);
@@ -203,7 +209,7 @@ impl Agent {
                     "heartbeat failed: {failure}; the {which} access token was rejected: {what_to_do}; retrying in {}{next}",
                     secs(wait)
                 );
-                wait
+                (wait, false)
             }
         }
     }
