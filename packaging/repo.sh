@@ -6,12 +6,14 @@
 #
 #   --key-file FILE  the signing key, an exported OpenPGP secret key (gpg --export-secret-keys);
 #                    imported into a throw-away GnuPG home that is removed afterwards.
-#   --gnupghome DIR  or sign with a key already in this GnuPG home (it is not changed).
+#   --gnupghome DIR  or sign with a key already in this GnuPG home (its keys are not changed).
 #   --key ID         which secret key (fingerprint, id or e-mail); default: the only one there.
 #   --url URL        where REPO will be published; writes exalsius.sources and exalsius.repo
 #                    with it (the files an operator copies to each host).
 #   REPO             created if absent. Packages already in it stay, so a fleet can roll back
-#                    with apt-get install exalsius-node-agent=<older version> / dnf downgrade.
+#                    with apt-get install exalsius-node-agent=<older version> / dnf downgrade;
+#                    one already there under the same name must be the same build (refused
+#                    otherwise). Build it locally and publish a copy (rsync --delay-updates).
 #   PACKAGE          .deb and .rpm files (both architectures), e.g. target/packages/*.{deb,rpm}.
 #
 # REPO afterwards:
@@ -26,7 +28,7 @@
 # as it is (packaging/test-reproducible.sh compares it).
 set -euo pipefail
 
-usage() { sed -n '5,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '5,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "repo.sh: $*" >&2; exit 1; }
 
 key_file= home= key_id= url=
@@ -84,21 +86,56 @@ gpg_sign() { gpg --batch --yes --quiet --pinentry-mode loopback --passphrase-fd 
 echo probe | gpg_sign --detach-sign -o "$tmp/probe.sig" 2>"$tmp/probe.err" \
   || { cat "$tmp/probe.err" >&2; die "key $fpr cannot sign without a passphrase (give a key for unattended signing)"; }
 
-mkdir -p "$repo/apt/pool/main" "$repo/rpm"
+mkdir -p "$repo"
+# One writer at a time: a second repo.sh on the same directory would interleave the indices.
+exec 9<"$repo"
+flock -n 9 || die "another repo.sh is updating $repo"
+# A package already published under the same name and version must be the same build: hosts that
+# installed the first would never get the second, and caches would disagree with the index.
+# (.rpm: the header digest, which the signature added in the repository does not change.)
+rpm_header() { rpm -qp --qf '%{SHA256HEADER}' "$1" 2>/dev/null; }
+# Where each package goes, named by what it is (name, version, architecture), not by the name
+# of the file it came in.
+dest=()
 for p in "$@"; do
   case "$p" in
     *.deb)
-      cp "$p" "$repo/apt/pool/main/"
+      fields=()
+      for f in Package Version Architecture; do
+        v=$(dpkg-deb -f "$p" "$f" 2>/dev/null) && [ -n "$v" ] || die "$p: dpkg-deb cannot read its $f"
+        fields+=("$v")
+      done
+      # As Debian names pool files: no epoch.
+      d=$repo/apt/pool/main/${fields[0]}_${fields[1]#*:}_${fields[2]}.deb
+      [ ! -e "$d" ] || cmp -s "$p" "$d" \
+        || die "$d is another build under the same version: build this one with another DEB_REVISION"
       ;;
     *.rpm)
-      arch=$(rpm -qp --qf '%{ARCH}' "$p" 2>/dev/null) || die "$p: rpm cannot read it"
-      mkdir -p "$repo/rpm/$arch"
-      cp "$p" "$repo/rpm/$arch/"
-      rpmsign --addsign --define "_gpg_name $fpr" --define "_gpg_path $home" --define "__gpg $(command -v gpg)" \
-        "$repo/rpm/$arch/$(basename "$p")" >"$tmp/rpmsign.log" 2>&1 \
-        || { cat "$tmp/rpmsign.log" >&2; die "rpmsign $(basename "$p")"; }
+      name=$(rpm -qp --qf '%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}' "$p" 2>/dev/null) || die "$p: rpm cannot read it"
+      d=$repo/rpm/${name##*.}/$name.rpm
+      [ ! -e "$d" ] || [ "$(rpm_header "$p")" = "$(rpm_header "$d")" ] \
+        || die "$d is another build under the same version: build this one with another DEB_REVISION"
       ;;
   esac
+  dest+=("$d")
+done
+
+i=0
+for p in "$@"; do
+  d=${dest[$i]}
+  i=$((i + 1))
+  # Already there (the same build, checked above): copied and signed once, never again.
+  [ ! -e "$d" ] || continue
+  mkdir -p "$(dirname "$d")"
+  part=$(dirname "$d")/.$(basename "$d").part
+  cp "$p" "$part"
+  case "$p" in
+    *.rpm)
+      rpmsign --addsign --define "_gpg_name $fpr" --define "_gpg_path $home" --define "__gpg $(command -v gpg)" \
+        "$part" >"$tmp/rpmsign.log" 2>&1 || { rm -f "$part"; cat "$tmp/rpmsign.log" >&2; die "rpmsign $(basename "$p")"; }
+      ;;
+  esac
+  mv "$part" "$d"
 done
 
 # apt: one Packages index per architecture over the whole pool, a Release with their hashes,

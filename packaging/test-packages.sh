@@ -170,6 +170,33 @@ refused "no secret key matching nobody@invalid" --gnupghome "$WORK/good" --key n
 refused "neither a .deb nor an .rpm" --key-file "$WORK/good.sec" "$bad" "$DEB" "$PKG/SHA256SUMS"
 refused "no such file" --key-file "$WORK/good.sec" "$bad" "$PKG/absent.deb"
 ok "repo.sh refuses, naming the problem and writing nothing: no key, a key that needs a passphrase, a file that is no key, two keys without --key, an unknown --key, a file that is no package, a missing one"
+# Publishing the same build again changes nothing a host sees; another build under a version
+# already published is refused, the repository left as it was.
+cp "$REPOS/good/apt/dists/stable/main/binary-amd64/Packages" "$WORK/Packages.before"
+cp "$REPOS/good/rpm/x86_64/repodata/repomd.xml" "$WORK/repomd.before"
+bash packaging/repo.sh --key-file "$WORK/good.sec" "$REPOS/good" "$DEB" "$RPM" >"$WORK/again.log" 2>&1 \
+  || { cat "$WORK/again.log"; die "repo.sh with packages already there"; }
+cmp -s "$WORK/Packages.before" "$REPOS/good/apt/dists/stable/main/binary-amd64/Packages" || die "re-adding the same build changed the apt index"
+diff <(grep -v '<revision>\|<timestamp>' "$WORK/repomd.before") <(grep -v '<revision>\|<timestamp>' "$REPOS/good/rpm/x86_64/repodata/repomd.xml") >/dev/null \
+  || die "re-adding the same build changed the yum metadata (re-signed the .rpm?)"
+cp "$DEB" "$WORK/rebuilt.deb"
+printf 'X' | dd of="$WORK/rebuilt.deb" bs=1 seek=$(($(stat -c %s "$DEB") - 4096)) conv=notrunc 2>/dev/null
+cp "$REPOS/good/apt/dists/stable/InRelease" "$WORK/InRelease.before"
+bash packaging/repo.sh --key-file "$WORK/good.sec" "$REPOS/good" "$WORK/rebuilt.deb" >"$WORK/rebuilt.log" 2>&1 \
+  && die "repo.sh published another build under a version already there"
+grep -q "is another build under the same version" "$WORK/rebuilt.log" || { cat "$WORK/rebuilt.log"; die "repo.sh did not say why"; }
+cmp -s "$WORK/InRelease.before" "$REPOS/good/apt/dists/stable/InRelease" || die "the refused run changed the repository"
+cmp -s "$DEB" "$REPOS/good/apt/pool/main/$(basename "$DEB")" || die "the refused run replaced the published package"
+# Two release jobs at once on one directory: the second is refused, not interleaved.
+flock -o "$REPOS/good" sleep 60 &
+holder=$!
+for _ in $(seq 50); do flock -n "$REPOS/good" true || break; sleep 0.1; done
+bash packaging/repo.sh --key-file "$WORK/good.sec" "$REPOS/good" "$DEB" >"$WORK/locked.log" 2>&1 \
+  && { kill "$holder"; die "repo.sh ran while another held the repository"; }
+kill "$holder"; wait "$holder" 2>/dev/null || true
+grep -q "another repo.sh is updating" "$WORK/locked.log" || { cat "$WORK/locked.log"; die "repo.sh did not say another one is running"; }
+cmp -s "$WORK/InRelease.before" "$REPOS/good/apt/dists/stable/InRelease" || die "the locked-out run changed the repository"
+ok "repo.sh again with the same build: the apt index and the yum metadata unchanged (the .rpm not signed twice); another build under a published version (another file name): refused, the repository untouched; a second repo.sh while one runs: refused"
 # The badly signed variants apt must refuse: signed by another key, not signed, and a
 # package changed after signing.
 cp -a "$REPOS/good" "$REPOS/wrongkey"
