@@ -72,7 +72,8 @@ trap cleanup EXIT
 say "tools"
 missing=()
 for tool in lintian:lintian rpmlint:rpmlint debootstrap:debootstrap systemd-nspawn:systemd-container \
-            rpm:rpm objdump:binutils nsenter:util-linux; do
+            rpm:rpm objdump:binutils nsenter:util-linux apt-ftparchive:apt-utils createrepo_c:createrepo-c \
+            dnf:dnf gpg:gnupg gpgv:gpgv; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -113,14 +114,6 @@ if ! compgen -G "$prev/exalsius-node-agent_${PREV_VERSION}-1_amd64.deb" >/dev/nu
 fi
 PREV_DEB=$(ls "$prev"/exalsius-node-agent_"$PREV_VERSION"-1_amd64.deb)
 PREV_RPM=$(ls "$prev"/exalsius-node-agent-"$PREV_VERSION"-1.x86_64.rpm)
-missing=()
-for tool in apt-ftparchive:apt-utils createrepo_c:createrepo-c dnf:dnf gpg:gnupg gpgv:gpgv; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
 # Throw-away keys: the repository's and another one (the "wrongly signed" repository).
 keys() { # NAME: a GnuPG home $WORK/NAME with one unprotected signing key, exported to $WORK/NAME.sec
   install -d -m 700 "$WORK/$1"

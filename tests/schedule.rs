@@ -374,9 +374,7 @@ async fn once_tries_the_configured_token_when_the_stored_one_is_rejected() {
     assert!(result.unwrap_err().to_string().contains("HTTP 401"));
 
     // Only the configured token to try (nothing stored for it yet): one 401 is final.
-    let fresh = tempfile::tempdir().unwrap();
-    let (sent, result) = run_in(
-        fresh.path(),
+    let (sent, result) = run_mode(
         Mode::Once,
         vec![failed(FailureKind::Unauthorized, 401, None)],
         "",
