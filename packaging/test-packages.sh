@@ -245,6 +245,7 @@ say "static checks"
 lint_packages amd64 "$DEB" "$RPM"
 glibc_ceiling amd64 target/assets/exalsius-node-agent
 size_ceiling amd64 target/assets/exalsius-node-agent
+hot_text amd64 target/assets/exalsius-node-agent 90
 audit_info amd64 target/assets/exalsius-node-agent
 objdump -p target/assets/exalsius-node-agent >"$WORK/objdump.txt"
 grep -q 'NEEDED *libc.so.6' "$WORK/objdump.txt" || die "binary is not dynamically linked against glibc"
