@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """What the resident memory of `run` is made of (issue 22): python3 bench/footprint.py [RUNS]
 
-Builds the release agent and the floor (examples/floor.rs), serves PATCH /node/{id} on
-loopback, and runs each RUNS times (default 5) for ~150 heartbeats at 50 ms:
+Builds the release agent, the same agent without the hot-text ordering (EXALSIUS_NO_HOT_TEXT=1,
+in target/unordered: what the ordering buys) and the floor (examples/floor.rs), serves
+PATCH /node/{id} on loopback, and runs each RUNS times (default 5) for ~150 heartbeats at 50 ms:
 
 - the agent with EXALSIUS_FOOTPRINT_MARKS (src/footprint.rs): resident memory after each phase
   of start-up and after the 1st/10th/100th heartbeat — the growth between two marks is what
   that phase cost (the first phase to touch shared code, std's formatting say, pays for it);
 - agent and floor: resident memory by mapping (the binary, libc, heap, the rest) from
   /proc/PID/smaps;
+- the binary's resident pages by section (present bits of /proc/PID/pagemap): what of .text.hot,
+  .text, .rodata, the relocations is mapped;
 - the binary's sections (`size -A`) and, when cargo-bloat is installed, .text by crate.
 
 Writes bench/results/footprint.md (medians) and prints it.
@@ -16,7 +19,9 @@ Writes bench/results/footprint.md (medians) and prints it.
 import http.server
 import json
 import os
+import re
 import shutil
+import struct
 import statistics
 import subprocess
 import sys
@@ -76,7 +81,45 @@ def by_mapping(pid, exe):
     return out
 
 
-def run_agent(url, work):
+def sections(exe):
+    """name -> (address, size) of the sections that are loaded."""
+    out = {}
+    text = subprocess.run(["readelf", "-SW", exe], capture_output=True, text=True).stdout
+    for line in text.splitlines():
+        m = re.match(r"\s*\[\s*\d+\]\s+(\S+)\s+\S+\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", line)
+        if m and int(m.group(2), 16):
+            out[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16))
+    return out
+
+
+def resident_by_section(pid, exe):
+    """KiB of each section of exe that is mapped in pid (a page shared by two counts for both)."""
+    secs = sections(exe)
+    maps = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            p = line.split()
+            if len(p) >= 6 and p[5] == exe:
+                lo, hi = (int(x, 16) for x in p[0].split("-"))
+                maps.append((lo, hi))
+    if not maps:
+        return {}
+    bias = maps[0][0]  # the first mapping is file offset 0, address 0 of the PIE
+    present = set()
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        for lo, hi in maps:
+            for a in range(lo, hi, 4096):
+                pm.seek(a // 4096 * 8)
+                if struct.unpack("<Q", pm.read(8))[0] >> 63:
+                    present.add((a - bias) // 4096)
+    out = {}
+    for name, (addr, size) in secs.items():
+        pages = range(addr // 4096, (addr + size + 4095) // 4096)
+        out[name] = (sum(4 for pg in pages if pg in present), len(pages) * 4)
+    return out
+
+
+def run_agent(url, work, exe, marks_wanted=True):
     cfg = os.path.join(work, "agent.toml")
     marks = os.path.join(work, "marks")
     state = os.path.join(work, "state")
@@ -87,7 +130,6 @@ def run_agent(url, work):
         f.write(f'[api]\nurl = "{url}"\nnode_id = "{NODE}"\naccess_token = "boot"\n'
                 f'[heartbeat]\ninterval = "50ms"\njitter = 0.0\n[inventory]\ngpu = "auto"\n'
                 f'[state]\ndir = "{state}"\n[log]\nlevel = "warn"\n')
-    exe = os.path.join(ROOT, "target/release/exalsius-node-agent")
     env = dict(os.environ, EXALSIUS_FOOTPRINT_MARKS=marks)
     env.pop("NOTIFY_SOCKET", None)
     p = subprocess.Popen([exe, "--config", cfg, "run"], env=env,
@@ -99,6 +141,7 @@ def run_agent(url, work):
         time.sleep(0.05)
     time.sleep(1)
     maps = by_mapping(p.pid, os.path.realpath(exe))
+    maps["sections"] = resident_by_section(p.pid, os.path.realpath(exe))
     p.kill()
     p.wait()
     phases = []
@@ -120,15 +163,24 @@ def run_floor(url):
 
 
 def main():
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent",
-                    "--example", "floor"], cwd=ROOT, check=True)
+    # The agent on its own, as packaging/build.sh builds it: built in one command with the
+    # example, its dependencies would get the dev-dependencies' features.
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent"],
+                   cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--locked", "--example", "floor"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent"],
+                   cwd=ROOT, check=True, env=dict(os.environ, EXALSIUS_NO_HOT_TEXT="1",
+                                                  CARGO_TARGET_DIR=os.path.join(ROOT, "target/unordered")))
+    agent = os.path.join(ROOT, "target/release/exalsius-node-agent")
+    unordered = os.path.join(ROOT, "target/unordered/release/exalsius-node-agent")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     work = tempfile.mkdtemp()
-    agent_runs, floor_runs = [], []
-    for _ in range(RUNS):  # side by side: agent, floor, agent, floor, …
-        agent_runs.append(run_agent(url, work))
+    agent_runs, unordered_runs, floor_runs = [], [], []
+    for _ in range(RUNS):  # side by side: agent, unordered, floor, agent, …
+        agent_runs.append(run_agent(url, work, agent))
+        unordered_runs.append(run_agent(url, work, unordered))
         floor_runs.append(run_floor(url))
     shutil.rmtree(work, ignore_errors=True)
 
@@ -137,7 +189,8 @@ def main():
              "",
              f"`python3 bench/footprint.py` — {RUNS} runs each, agent and floor alternating, "
              "medians in KiB; ~150 heartbeats at 50 ms against a loopback API, `gpu = \"auto\"` "
-             "(no NVIDIA driver on the machine that ran it).",
+             "(no NVIDIA driver on the machine that ran it). *Agent*: the release build; "
+             "*unordered*: the same without the hot-text linker script (EXALSIUS_NO_HOT_TEXT=1).",
              "",
              "## The agent's start-up, phase by phase (src/footprint.rs marks)",
              "",
@@ -153,14 +206,29 @@ def main():
         lines.append(f"| {name} | {rss} | {growth} | {anon} | {file} |")
         prev = rss
     lines += ["", "## By mapping, after ~150 heartbeats", "",
-              "| mapping | agent | floor | difference |", "|---|---|---|---|"]
+              "| mapping | agent | unordered | floor | agent − floor |", "|---|---|---|---|---|"]
     for key in ["binary", "libc", "heap", "rest", "RssAnon", "RssFile", "VmHWM"]:
         a = med([r[1][key] for r in agent_runs])
+        u = med([r[1][key] for r in unordered_runs])
         f = med([r[key] for r in floor_runs])
-        lines.append(f"| {key} | {a} | {f} | {a - f:+d} |")
+        lines.append(f"| {key} | {a} | {u} | {f} | {a - f:+d} |")
     a = med([r[1]["VmHWM"] for r in agent_runs])
+    u = med([r[1]["VmHWM"] for r in unordered_runs])
     f = med([r["VmHWM"] for r in floor_runs])
-    lines += ["", f"Peak RSS ratio (medians): **{a / f:.2f}×** the floor.", ""]
+    lines += ["", f"Peak RSS ratio (medians): **{a / f:.2f}×** the floor "
+              f"(unordered: {u / f:.2f}×). Each run's peak: agent "
+              f"{[r[1]['VmHWM'] for r in agent_runs]}, unordered "
+              f"{[r[1]['VmHWM'] for r in unordered_runs]}, floor {[r['VmHWM'] for r in floor_runs]}.",
+              "", "## The agent binary's resident pages by section, after ~150 heartbeats", "",
+              "| section | agent: resident / size | unordered: resident / size |", "|---|---|---|"]
+    names = sorted({n for r in agent_runs + unordered_runs for n in r[1]["sections"]},
+                   key=lambda n: -max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs + unordered_runs))
+    cell = lambda runs, n: (f"{med([r[1]['sections'][n][0] for r in runs])} / "
+                            f"{runs[0][1]['sections'][n][1]}" if n in runs[0][1]["sections"] else "–")
+    for n in names:
+        if max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs + unordered_runs) >= 16:
+            lines.append(f"| {n} | {cell(agent_runs, n)} | {cell(unordered_runs, n)} |")
+    lines.append("")
 
     size = subprocess.run(["size", "-A", os.path.join(ROOT, "target/release/exalsius-node-agent")],
                           capture_output=True, text=True).stdout
@@ -170,12 +238,15 @@ def main():
                         if l.startswith(".") and len(l.split()) == 3}
     s, fs = sec(size), sec(fsize)
     lines += ["## The binary's sections (bytes)", "", "| section | agent | floor |", "|---|---|---|"]
-    for k in [".text", ".rodata", ".rela.dyn", ".data.rel.ro", ".eh_frame", ".gcc_except_table"]:
+    for k in [".text.hot", ".text", ".rodata", ".rela.dyn", ".data.rel.ro", ".eh_frame", ".gcc_except_table"]:
         lines.append(f"| {k} | {s.get(k, 0)} | {fs.get(k, 0)} |")
     if shutil.which("cargo-bloat"):
+        # cargo bloat reads .text only: measure the unordered build, whose code is all there.
         bloat = subprocess.run(["cargo", "bloat", "--release", "--crates", "--bin",
                                 "exalsius-node-agent", "-n", "25"], cwd=ROOT,
-                               capture_output=True, text=True).stdout
+                               capture_output=True, text=True,
+                               env=dict(os.environ, EXALSIUS_NO_HOT_TEXT="1",
+                                        CARGO_TARGET_DIR=os.path.join(ROOT, "target/unordered"))).stdout
         lines += ["", "## .text by crate (`cargo bloat --release --crates`)", "", "```",
                   bloat.strip(), "```"]
     text = "\n".join(lines) + "\n"
