@@ -1,9 +1,9 @@
 //! Puts the git commit of the build into `EXALSIUS_BUILD_COMMIT` (the metrics' build_info);
 //! "unknown" outside a git checkout. An `EXALSIUS_BUILD_COMMIT` in the environment wins.
 //!
-//! On Linux, also links the binary with a script that gathers the functions `run` executes
-//! (`packaging/hot-text.txt`, made by `bench/hot-text.py`) into `.text.hot` before `.text`, so the
-//! code `run` never executes stays unmapped (README "Benchmarks").
+//! Release builds on Linux: also links the binary with a script that gathers the functions `run`
+//! executes (`packaging/hot-text.txt`, made by `bench/hot-text.py`) into `.text.hot` before
+//! `.text`, so the code `run` never executes stays unmapped (README "Benchmarks").
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,7 +43,8 @@ fn main() {
 /// Writes `$OUT_DIR/hot-text.ld` from `packaging/hot-text.txt` and links the binaries with it:
 /// one output section `.text.hot` inserted before `.text`, one input description per group of the
 /// list (in its order), each symbol matched as `.text.NAME` and `.text.unlikely.NAME` (LLVM's
-/// section for a cold function), and with LLVM's `.N` suffix of local copies. GNU ld, gold and lld (zig's) all read `INSERT BEFORE`.
+/// section for a cold function), and with LLVM's `.N` suffix of local copies. GNU ld, gold and
+/// lld (rust-lld, zig's) all read `INSERT BEFORE`.
 fn hot_text() {
     let list = Path::new("packaging/hot-text.txt");
     println!("cargo:rerun-if-changed={}", list.display());
@@ -78,8 +79,12 @@ fn hot_text() {
     close_group(&mut script, &mut group);
     script.push_str("  }\n}\nINSERT BEFORE .text;\n");
     let path = out.join("hot-text.ld");
-    if std::fs::write(&path, script).is_ok() {
-        println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", path.display());
+    match std::fs::write(&path, script) {
+        Ok(()) => println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", path.display()),
+        Err(e) => println!(
+            "cargo:warning=linking without .text.hot: {}: {e}",
+            path.display()
+        ),
     }
 }
 

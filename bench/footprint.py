@@ -119,7 +119,7 @@ def resident_by_section(pid, exe):
     return out
 
 
-def run_agent(url, work, exe, marks_wanted=True):
+def run_agent(url, work, exe):
     cfg = os.path.join(work, "agent.toml")
     marks = os.path.join(work, "marks")
     state = os.path.join(work, "state")

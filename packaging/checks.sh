@@ -47,7 +47,7 @@ PY
 # hot_text LABEL BINARY MIN_PERCENT: the functions `run` executes sit together in .text.hot
 # (build.rs links them there from packaging/hot-text.txt; README "Benchmarks"), at least
 # MIN_PERCENT of the bytes bench/hot-text.py gathered when it wrote the list. Fewer means the
-# list no longer names the code (renamed or new functions): regenerate it.
+# list no longer names the code (renamed functions, a dependency update): regenerate it.
 hot_text() {
   local want hex have
   want=$(sed -n 's/^# x86-64 release build: \.text\.hot \([0-9]*\) bytes$/\1/p' packaging/hot-text.txt)
