@@ -37,6 +37,8 @@ import tempfile
 import threading
 import time
 
+from footprint import sections  # bench/footprint.py: name -> (address, size) of loaded sections
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.path.join(ROOT, "target/hot-text")
 BIN = os.path.join(TARGET, "release/exalsius-node-agent")
@@ -162,18 +164,10 @@ def situations(work):
 
 
 def symbols(path):
+    """name -> address of each function defined in path."""
     out = subprocess.run(["nm", "--defined-only", path], capture_output=True, text=True, check=True)
-    return {p[2] for p in (l.split() for l in out.stdout.splitlines()) if len(p) == 3 and p[1] in "tTwW"}
-
-
-def sections(path):
-    """name -> (address, size) from the section headers."""
-    out = {}
-    for line in subprocess.run(["readelf", "-SW", path], capture_output=True, text=True).stdout.splitlines():
-        m = re.match(r"\s*\[\s*\d+\]\s+(\S+)\s+\S+\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", line)
-        if m:
-            out[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16))
-    return out
+    return {p[2]: int(p[0], 16) for p in (l.split() for l in out.stdout.splitlines())
+            if len(p) == 3 and p[1] in "tTwW"}
 
 
 def pattern(name):
@@ -232,11 +226,7 @@ def native_faults(work):
     p.send_signal(signal.SIGINT)
     p.wait()
     lo, size = sections(BIN)[".text"]
-    syms = []
-    for line in subprocess.run(["nm", "-n", "--defined-only", BIN], capture_output=True, text=True).stdout.splitlines():
-        q = line.split()
-        if len(q) == 3 and q[1] in "tTwW":
-            syms.append((int(q[0], 16), q[2]))
+    syms = sorted((a, n) for n, a in symbols(BIN).items())
     script = subprocess.run(["perf", "script", "-i", data, "--show-mmap-events", "-F", "addr"],
                             capture_output=True, text=True).stdout
     base, found = None, set()
@@ -269,7 +259,7 @@ def main():
         prefix = ["valgrind", "--tool=callgrind", "--demangle=no", "--compress-strings=no",
                   f"--callgrind-out-file={out}"]
         situation(work, name, prefix, steps)
-        groups.append((name, {pattern(n) for n in ran(out) & symbols(BIN) if n not in skip}))
+        groups.append((name, {pattern(n) for n in ran(out) & symbols(BIN).keys() if n not in skip}))
         print(f"hot-text: {name}: {len(groups[-1][1])} functions ran", file=sys.stderr)
     native = set()
     for round_ in range(8):  # one fault per 64 KiB window: each round may show more
