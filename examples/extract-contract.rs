@@ -3,7 +3,7 @@
 //!
 //!     cargo run --example extract-contract -- ../shared/exalsius-api/openapi > tests/contract/exalsius-api.json
 //!
-//! `tests/contract.rs` fails when the committed file no longer matches the spec beside the
+//! `tests/it/contract.rs` fails when the committed file no longer matches the spec beside the
 //! repository, so a new spec version is noticed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

@@ -16,6 +16,13 @@ pub const NODE_ID: &str = "0d9c2f4e-8a51-4c1b-9e62-3f7a1b2c4d5e";
 pub const BOOT: &str = "boot-token-SECRET-0001";
 pub const REGISTER_TOKEN: &str = "register-SECRET-token-77";
 pub const REGISTERED_ID: &str = "7c3e9a10-5b2d-4f8e-9a61-0c4d2e8f1b30";
+/// One second, for the wall-clock bounds of binary-level tests.
+pub const SECOND: Duration = Duration::from_secs(1);
+
+/// The `Authorization` header value for a token.
+pub fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
 
 /// One request as the stand-in saw it.
 #[derive(Debug, Clone)]
@@ -426,6 +433,18 @@ pub fn text(o: &std::process::Output) -> String {
 }
 
 /// A config pointing at `url` with fast test timings; `extra` is appended (TOML).
+/// A running stand-in API and an agent (its own temporary directory), no config written yet.
+pub async fn setup() -> (StandIn, Agent) {
+    (StandIn::start().await, Agent::new())
+}
+
+/// [`setup`], with the agent's config pointing at the stand-in (`config_text` plus `extra`).
+pub async fn setup_with(extra: &str) -> (StandIn, Agent) {
+    let (api, agent) = setup().await;
+    agent.write_config(&config_text(&api.url(), extra));
+    (api, agent)
+}
+
 pub fn config_text(url: &str, extra: &str) -> String {
     format!(
         "[api]\nurl = \"{url}\"\nnode_id = \"{NODE_ID}\"\naccess_token = \"{BOOT}\"\ntimeout = \"2s\"\nconnect_timeout = \"500ms\"\n\n\

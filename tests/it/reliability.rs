@@ -2,27 +2,21 @@
 //! and broken servers, long outages, clock jumps, proxies, a soak, and secrets.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::hostile::{self, Misbehaviour};
 use support::*;
 
-const SECOND: Duration = Duration::from_secs(1);
 /// PATH without docker & co, so a start costs milliseconds.
 const NO_TOOLS: (&str, &str) = ("PATH", "/nonexistent");
-
-fn bearer(t: &str) -> String {
-    format!("Bearer {t}")
-}
 
 /// 1. Crash consistency: SIGKILL at random moments while tokens rotate every few ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_never_loses_the_token() {
     const KILLS: usize = 200;
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     agent.write_config(
         &config_text(&api.url(), "")
             .replace("interval = \"100ms\"", "interval = \"2ms\"")
@@ -117,8 +111,7 @@ async fn sigkill_at_random_moments_never_loses_the_token() {
 /// 2. The state directory disappears mid-run (replaced by a file), then comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_state_keeps_the_token_in_memory_and_persists_when_possible() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     agent.write_config(
         &config_text(&api.url(), "").replace("interval = \"100ms\"", "interval = \"50ms\""),
     );
@@ -525,8 +518,7 @@ async fn https_proxy_and_no_proxy_are_honoured() {
 async fn soak_fifteen_thousand_heartbeats() {
     const N: usize = 15_000;
     const BASE: usize = N / 10;
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     // The state on tmpfs where there is one: every heartbeat still writes, fsyncs and renames
     // the state file, but the soak measures the agent's memory, not the disk's fsync latency
     // (which made this test take minutes).

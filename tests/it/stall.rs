@@ -4,13 +4,11 @@
 //! resolver configuration is never touched), and a version probe that hangs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
-
-const SECOND: Duration = Duration::from_secs(1);
 
 fn threads(pid: u32) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -103,8 +101,7 @@ async fn a_resolver_that_never_answers_neither_holds_the_exit_nor_piles_up_threa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_version_probe_neither_holds_the_exit_nor_outlives_the_agent() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let tools = agent.dir.path().join("bin");
     std::fs::create_dir(&tools).unwrap();
     let pidfile = agent.dir.path().join("docker.pid");

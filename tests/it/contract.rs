@@ -3,7 +3,7 @@
 //! repository defines, when it is there; and the agent reads the fields the spec promises.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use support::*;
 

@@ -2,12 +2,9 @@
 //! another NVML library), the API URL — and says that the state directory needs a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
-use std::time::Duration;
 use support::*;
-
-const SECOND: Duration = Duration::from_secs(1);
 
 fn gpu_count(s: &Seen) -> i64 {
     let body: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
@@ -81,8 +78,7 @@ async fn sighup_changes_the_log_level_the_gpu_mode_and_the_api_url() {
 /// overwrote the rotated token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_fixes_the_url_survives_the_next_restart() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     // Port 9 (discard) on loopback: connection refused, like a mistyped host.
     agent.write_config(&config_text("http://127.0.0.1:9/v1", ""));
     agent.spawn(&[]);

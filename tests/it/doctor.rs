@@ -3,13 +3,11 @@
 //! changes the state and never prints a token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use std::time::Duration;
 use support::*;
-
-const SECOND: Duration = Duration::from_secs(1);
 
 /// Runs `doctor --json`; returns the exit code and the checks by name.
 fn doctor(agent: &Agent, extra: &[&str]) -> (Option<i32>, Vec<Value>, String) {
@@ -45,8 +43,7 @@ fn status(checks: &[Value], name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_node_passes_and_doctor_changes_nothing() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
+    let (api, agent) = setup().await;
     agent.write_config(&minute_config(&api.url()));
     assert!(agent.output(&["run", "--once"]).status.success());
     let before = std::fs::read(agent.state_file()).unwrap();
@@ -86,9 +83,7 @@ async fn a_healthy_node_passes_and_doctor_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_agent_is_named_and_left_alone() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, mut agent) = setup_with("").await;
     agent.spawn(&[]);
     api.wait_requests(2, 10 * SECOND).await;
     let (_, checks, all) = doctor(&agent, &[]);
@@ -191,9 +186,7 @@ async fn a_state_dir_owned_by_another_user_fails_with_the_chown() {
         eprintln!("skipped: needs root to chown");
         return;
     }
-    let api = StandIn::start().await;
-    let agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (_api, agent) = setup_with("").await;
     assert!(agent.output(&["run", "--once"]).status.success());
     std::os::unix::fs::chown(agent.state_dir(), Some(65534), Some(65534)).unwrap();
     // The service runs as root here (no unit installed): the directory must be root's.
@@ -226,9 +219,7 @@ async fn a_state_dir_owned_by_another_user_fails_with_the_chown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_heartbeat_and_an_expired_token_fail() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (_api, agent) = setup_with("").await;
     assert!(agent.output(&["run", "--once"]).status.success());
     let mut state = agent.state_json();
     let hours_ago = |h: u64| {

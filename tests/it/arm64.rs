@@ -6,7 +6,7 @@
 //! Without the variable every test says "skipped".
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -93,9 +93,7 @@ async fn run_once_rotates_and_persists_the_token() {
         eprintln!("skipped: EXALSIUS_ARM64_BIN not set");
         return;
     };
-    let api = StandIn::start().await;
-    let agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, agent) = setup_with("").await;
     let mut cmd = command(&bin, &runner);
     cmd.arg("--config")
         .arg(agent.config_path())

@@ -1,7 +1,7 @@
 //! The loop's timing and credential rules in paused time: a scripted sender answers, virtual
 //! time runs, and the gaps between attempts are exact — no wall clock, no server, no flakes.
 //! (The same rules as pure functions: `heartbeat::schedule` and `heartbeat::credentials` unit
-//! tests; the binary against a real server: `tests/daemon.rs`, `tests/credentials.rs`.)
+//! tests; the binary against a real server: `tests/it/daemon.rs`, `tests/it/credentials.rs`.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use exalsius_node_agent::api::{Answer, Failure, FailureKind, Issued, Outcome, Success};

@@ -2,7 +2,7 @@
 //! the config.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -35,8 +35,7 @@ fn register_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_then_run_heartbeats_with_the_registered_node() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     agent.write_config(&bare_config(&api.url()));
     let tf = agent.dir.path().join("register-token");
     std::fs::write(&tf, format!("{REGISTER_TOKEN}\n")).unwrap();
@@ -108,8 +107,7 @@ async fn register_then_run_heartbeats_with_the_registered_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_are_explained() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
+    let (api, agent) = setup().await;
     agent.write_config(&bare_config(&api.url()));
 
     let out = agent.output_env(
@@ -165,8 +163,7 @@ fn connection_problems_are_retried_a_few_times_then_fail_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_registration_needs_force_and_is_kept_as_bak() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
+    let (api, agent) = setup().await;
     agent.write_config(&bare_config(&api.url()));
     let env = [("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)];
     assert!(agent.output_env(&register_args(&[]), &env).status.success());
@@ -213,8 +210,7 @@ fn invalid_values_exit_78() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_different_node_id_in_the_config_is_refused() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
+    let (api, agent) = setup().await;
     agent.write_config(&bare_config(&api.url()));
     let env = [("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)];
     assert!(agent.output_env(&register_args(&[]), &env).status.success());
@@ -232,8 +228,7 @@ async fn a_different_node_id_in_the_config_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_registered_token_says_re_register() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     agent.write_config(&bare_config(&api.url()));
     let env = [("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)];
     assert!(agent.output_env(&register_args(&[]), &env).status.success());
@@ -281,8 +276,7 @@ async fn a_409_after_a_timed_out_attempt_says_the_node_may_be_registered_already
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_refuses_before_the_post_when_the_state_cannot_be_written() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
+    let (api, agent) = setup().await;
     agent.write_config(&bare_config(&api.url()));
     // A file where the state directory should be.
     std::fs::write(agent.state_dir(), "not a directory").unwrap();
@@ -340,8 +334,7 @@ async fn register_force_on_a_full_disk_keeps_the_old_state() {
         eprintln!("skipped: needs root and unshare --mount");
         return;
     }
-    let api = StandIn::start().await;
-    let agent = Agent::new();
+    let (api, agent) = setup().await;
     agent.write_config(&bare_config(&api.url()));
     std::fs::create_dir_all(agent.state_dir()).unwrap();
     let out_dir = agent.dir.path().join("out");

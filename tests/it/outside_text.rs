@@ -7,14 +7,13 @@
 //! state file and `status` (one line per field, no control character).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use proptest::prelude::*;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 use support::*;
 
-const SECOND: Duration = Duration::from_secs(1);
 /// What the agent itself writes to the notify socket.
 const KEYS: &[&str] = &[
     "READY",
@@ -123,8 +122,7 @@ async fn one_run(
     location: String,
     json: bool,
 ) -> Result<(), String> {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let sock_path = agent.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_nonblocking(true).unwrap();

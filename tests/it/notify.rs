@@ -2,7 +2,7 @@
 //! pings (also while the API is down), RELOADING/READY around SIGHUP, STOPPING on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
@@ -29,8 +29,7 @@ async fn wait_for(sock: &UnixDatagram, msgs: &mut Vec<String>, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifies_ready_status_watchdog_reload_and_stopping() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let path = agent.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_nonblocking(true).unwrap();
@@ -84,8 +83,7 @@ async fn notifies_ready_status_watchdog_reload_and_stopping() {
 /// stopped once the kernel's 10-datagram queue was full.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_notify_socket_never_stalls_the_loop() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let path = agent.dir.path().join("notify.sock");
     let _sock = UnixDatagram::bind(&path).unwrap(); // never read
     agent.write_config(&config_text(&api.url(), ""));

@@ -2,7 +2,7 @@
 //! and the PCI / block-device scanners against fixture trees.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use exalsius_node_agent::config::GpuMode;
 use exalsius_node_agent::inventory::{Collector, HostCollector, Inventory};
@@ -311,8 +311,7 @@ fn gpu_off_reports_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let lib = build_agent_nvml(agent.dir.path(), "count=8\n");
     agent.write_config(&nvml_config(&api.url(), &lib, "auto", Some("200ms")));
     agent.spawn(&[]);
@@ -348,8 +347,7 @@ async fn daemon_keeps_heartbeating_on_time_while_nvml_hangs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_heartbeats_when_the_driver_is_not_loaded() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let lib = build_agent_nvml(agent.dir.path(), "init_result=9\n");
     agent.write_config(&nvml_config(&api.url(), &lib, "auto", None));
     agent.spawn(&[]);
@@ -365,8 +363,7 @@ async fn daemon_heartbeats_when_the_driver_is_not_loaded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_that_falls_off_the_bus_is_logged_and_the_count_drops() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let lib = build_agent_nvml(agent.dir.path(), "count=8\n");
     agent.write_config(&nvml_config(&api.url(), &lib, "nvml", Some("200ms")));
     agent.spawn(&[]);
@@ -524,8 +521,7 @@ fn no_memory_call_works_then_the_table_else_zero_never_dropped() {
 /// at every refresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mig_reports_physical_gpus_and_logs_the_mode_once() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let lib = build_agent_nvml(agent.dir.path(), "count=8\nmig_index=2\n");
     agent.write_config(
         &nvml_config(&api.url(), &lib, "nvml", Some("100ms"))

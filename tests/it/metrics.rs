@@ -4,7 +4,7 @@
 //! restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use support::*;
-
-const SECOND: Duration = Duration::from_secs(1);
 
 /// Parses the exposition text with prometheus_client and prints `name{labels} value` lines.
 const PARSE: &str = r#"
@@ -246,8 +244,7 @@ async fn metrics_after_success_failure_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwritable_metrics_file_never_stops_heartbeats() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     let file = agent
         .dir
         .path()

@@ -1,7 +1,7 @@
 //! The command line as an operator meets it: config errors, usage errors, inventory output.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! container by packaging/test-packages.sh.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use support::*;

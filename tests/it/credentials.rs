@@ -4,25 +4,19 @@
 //! a symlink where the state file should be.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 use support::*;
 
-const SECOND: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
-
-fn bearer(t: &str) -> String {
-    format!("Bearer {t}")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_spurious_401_never_replaces_the_rotated_token() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     // The slow schedule is 3 s here, so "at once" and "slowly" are told apart with room to
-    // spare on a loaded machine (the exact gaps are proven in paused time, tests/schedule.rs).
+    // spare on a loaded machine (the exact gaps are proven in paused time, tests/it/schedule.rs).
     agent.write_config(
         &config_text(&api.url(), "").replace("max_backoff = \"400ms\"", "max_backoff = \"3s\""),
     );
@@ -63,9 +57,7 @@ async fn one_spurious_401_never_replaces_the_rotated_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_rejection_alternates_and_never_stores_the_bootstrap_token() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, mut agent) = setup_with("").await;
     agent.spawn(&[]);
     api.wait_requests(2, 10 * SECOND).await;
     // The auth backend rejects everything for a while.
@@ -101,9 +93,7 @@ async fn a_long_rejection_alternates_and_never_stores_the_bootstrap_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_writer_per_state_directory() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, mut agent) = setup_with("").await;
     agent.spawn(&[]);
     api.wait_requests(2, 10 * SECOND).await;
     let pid = agent.pid();
@@ -225,7 +215,7 @@ async fn a_rejected_body_is_followed_by_a_pure_heartbeat_that_keeps_the_node_ali
             (false, 200)
         ]
     );
-    // "At once" is proven exactly in paused time (tests/schedule.rs,
+    // "At once" is proven exactly in paused time (tests/it/schedule.rs,
     // a_rejected_body_is_followed_at_once_…); here the order is what a process shows.
     let pure = &seen[1];
     assert!(
@@ -245,9 +235,7 @@ async fn a_rejected_body_is_followed_by_a_pure_heartbeat_that_keeps_the_node_ali
 /// chmod or write its target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_symlinked_state_file_is_moved_aside_and_its_target_untouched() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, agent) = setup_with("").await;
     std::fs::create_dir_all(agent.state_dir()).unwrap();
     std::fs::set_permissions(agent.state_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let victim = agent.dir.path().join("victim.json");

@@ -2,13 +2,11 @@
 //! handling, signals, exit codes, and the contract with the shared OpenAPI spec.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 use support::*;
-
-const SECOND: Duration = Duration::from_secs(1);
 
 fn auths(seen: &[Seen]) -> Vec<String> {
     seen.iter()
@@ -25,9 +23,7 @@ fn header<'a>(s: &'a Seen, name: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotates_the_token_on_every_heartbeat_and_persists_it() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, mut agent) = setup_with("").await;
     agent.spawn(&[]);
     let seen = api.wait_requests(5, 10 * SECOND).await;
     let (status, _) = agent.stop();
@@ -81,9 +77,7 @@ async fn rotates_the_token_on_every_heartbeat_and_persists_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_uses_the_persisted_token_and_a_new_bootstrap_token_wins() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, mut agent) = setup_with("").await;
     agent.spawn(&[]);
     api.wait_requests(3, 10 * SECOND).await;
     agent.stop();
@@ -203,10 +197,9 @@ async fn retry_after_is_honoured_above_max_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_rotated_token_falls_back_to_the_bootstrap_token_once() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     // A 5 s slow schedule: "at once" is then far from "on the slow schedule" on any machine;
-    // the exact zero gap is proven in paused time (tests/schedule.rs).
+    // the exact zero gap is proven in paused time (tests/it/schedule.rs).
     agent.write_config(
         &config_text(&api.url(), "").replace("max_backoff = \"400ms\"", "max_backoff = \"5s\""),
     );
@@ -369,9 +362,7 @@ async fn sigterm_stops_within_a_second_mid_backoff_and_mid_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_exit_codes() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, agent) = setup_with("").await;
     let out = agent.output(&["run", "--once"]);
     assert_eq!(
         out.status.code(),
@@ -401,9 +392,7 @@ async fn once_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_exit_codes() {
-    let api = StandIn::start().await;
-    let agent = Agent::new();
-    agent.write_config(&config_text(&api.url(), ""));
+    let (api, agent) = setup_with("").await;
     let out = agent.output(&["status"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("no heartbeat recorded yet"));
@@ -439,8 +428,7 @@ async fn status_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_interval_and_keeps_the_old_config_when_the_new_one_is_bad() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     agent.write_config(
         &config_text(&api.url(), "").replace("interval = \"100ms\"", "interval = \"60s\""),
     );
@@ -500,8 +488,7 @@ async fn no_token_appears_in_any_output_at_trace_level() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_prints_valid_bodies_and_sends_nothing() {
-    let api = StandIn::start().await;
-    let mut agent = Agent::new();
+    let (api, mut agent) = setup().await;
     agent.write_config(
         &config_text(&api.url(), "[inventory]\ndescription = \"rack 4\"\n")
             .replace("[inventory]\ngpu = \"off\"\n", ""),
