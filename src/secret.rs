@@ -24,7 +24,7 @@ impl Secret {
         &self.0
     }
 
-    /// Hex SHA-256 of the value: lets the state file remember *which* bootstrap token it came
+    /// Hex SHA-256 of the value: lets the state file remember *which* configured token it came
     /// from without storing that token.
     pub fn sha256_hex(&self) -> String {
         hex::encode(Sha256::digest(self.0.as_bytes()))

@@ -1,13 +1,13 @@
 //! `check-config`: validate the configuration and print the effective values.
 
-use super::{Failure, load_config};
+use super::{Exit, load_config};
 use crate::config::Overrides;
 
 /// Runs `check-config`: 0 when valid (the values on stdout, tokens redacted), 78 when not.
-pub fn run(overrides: &Overrides) -> Result<(), Failure> {
+pub fn run(overrides: &Overrides) -> Result<(), Exit> {
     let cfg = load_config(overrides)?;
     crate::api::ApiClient::new(&cfg.api)
-        .map_err(|e| Failure::config(format!("configuration error: {e}")))?;
+        .map_err(|e| Exit::config(format!("configuration error: {e}")))?;
     let source = cfg.source.as_deref().map_or_else(
         || {
             format!(

@@ -1,14 +1,14 @@
 //! `inventory`: collect and print this node's specs (a table, the exact heartbeat body, or
 //! everything as JSON).
 
-use super::Failure;
+use super::Exit;
 use crate::cli::InventoryArgs;
 use crate::config::{Config, Overrides, process_env};
 use crate::inventory::{Collector, HostCollector, Inventory};
 use std::io::Write;
 
 /// Runs `inventory`: works without a config and without network.
-pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Failure> {
+pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
     // Works without a config; a broken one is reported but does not stop a diagnostic tool.
     let cfg = Config::load(overrides, &process_env);
     let (level, gpu_mode, description, nvml_library) = match &cfg {
@@ -32,7 +32,7 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Failure> {
     let gpu_mode = args.gpu.map_or(gpu_mode, Into::into);
     let root = args.root.as_deref().unwrap_or(std::path::Path::new("/"));
     if !root.is_dir() {
-        return Err(Failure::runtime(format!(
+        return Err(Exit::runtime(format!(
             "--root {}: not a directory",
             root.display()
         )));
@@ -50,7 +50,7 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Failure> {
     } else {
         Ok(render_inventory(&inv))
     };
-    let text = text.map_err(|e| Failure::runtime(format!("cannot render inventory: {e}")))?;
+    let text = text.map_err(|e| Exit::runtime(format!("cannot render inventory: {e}")))?;
     // A closed pipe (`| head`) is not an error worth a message.
     let _ = out.write_all(text.as_bytes());
     Ok(())

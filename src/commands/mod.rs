@@ -1,4 +1,4 @@
-//! The commands: one file per subcommand, each returning `Result<(), Failure>`. [`main`]
+//! The commands: one file per subcommand, each returning `Result<(), Exit>`. [`main`]
 //! dispatches, prints a failure once (one line on stderr) and turns it into the exit code; no
 //! command prints its own error line.
 
@@ -16,16 +16,17 @@ use crate::config::{Config, EX_CONFIG, Overrides, process_env};
 /// Exit code for runtime failures.
 pub const EXIT_FAILURE: u8 = 1;
 
-/// Why a command failed: the one line the operator sees, and the exit code.
+/// How a command ended badly: the exit code and the one line the operator sees (a failed HTTP
+/// attempt is the other meaning of "failure", `api::Failure`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
+pub struct Exit {
     /// 1 (runtime) or 78 (configuration, invalid input).
     pub code: u8,
     /// One line, naming the problem and what to do.
     pub message: String,
 }
 
-impl Failure {
+impl Exit {
     /// A runtime failure (exit 1).
     pub fn runtime(message: impl Into<String>) -> Self {
         Self {
@@ -69,7 +70,7 @@ pub fn main(cli: Cli) -> u8 {
 }
 
 /// Prints a failure once (stderr) and turns the outcome into the exit code.
-pub fn exit_code(outcome: Result<(), Failure>) -> u8 {
+pub fn exit_code(outcome: Result<(), Exit>) -> u8 {
     match outcome {
         Ok(()) => 0,
         Err(f) => {
@@ -83,21 +84,21 @@ pub fn exit_code(outcome: Result<(), Failure>) -> u8 {
 
 /// The configuration, or the failure that names the key and file (exit 78; exit 1 when the
 /// file cannot be read now, a fault systemd retries).
-pub fn load_config(overrides: &Overrides) -> Result<Config, Failure> {
+pub fn load_config(overrides: &Overrides) -> Result<Config, Exit> {
     Config::load(overrides, &process_env).map_err(|e| {
         if e.is_machine_fault() {
-            Failure::runtime(format!("{e}"))
+            Exit::runtime(format!("{e}"))
         } else {
-            Failure::config(format!("configuration error: {e}"))
+            Exit::config(format!("configuration error: {e}"))
         }
     })
 }
 
 /// The agent's runtime: current-thread (the multi-thread one costs ≈ 1.5× the CPU for this
 /// load); blocking probes go to `spawn_blocking`.
-pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))
+        .map_err(|e| Exit::runtime(format!("cannot start the runtime: {e}")))
 }

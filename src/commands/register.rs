@@ -4,7 +4,7 @@
 //! as a rotated token is (atomic, 0600), so `run` needs neither in the config. The register
 //! token is sent once and never written or logged.
 
-use super::{Failure, load_config, runtime};
+use super::{Exit, load_config, runtime};
 use crate::api::{ApiClient, FailureKind, NodeHardware, NodeSoftware, NodeSystem};
 use crate::cli::RegisterArgs;
 use crate::config::{Config, Overrides};
@@ -112,26 +112,26 @@ fn register_token(args: &RegisterArgs) -> Result<Secret, String> {
 }
 
 /// Checks the arguments before anything else happens (exit 78 on a bad value).
-fn validate(args: &RegisterArgs) -> Result<Secret, Failure> {
-    validate_endpoint(&args.endpoint).map_err(Failure::config)?;
+fn validate(args: &RegisterArgs) -> Result<Secret, Exit> {
+    validate_endpoint(&args.endpoint).map_err(Exit::config)?;
     if args.username.trim().is_empty() {
-        return Err(Failure::config("--username is empty"));
+        return Err(Exit::config("--username is empty"));
     }
     if args.ssh_key_id.trim().is_empty() {
-        return Err(Failure::config("--ssh-key-id is empty"));
+        return Err(Exit::config("--ssh-key-id is empty"));
     }
     if let Some(p) = args.price_per_hour
         && (!p.is_finite() || p < 0.0)
     {
-        return Err(Failure::config(format!(
+        return Err(Exit::config(format!(
             "--price-per-hour {p} must be a non-negative number"
         )));
     }
-    register_token(args).map_err(Failure::config)
+    register_token(args).map_err(Exit::config)
 }
 
 /// Runs `register`.
-pub fn run(overrides: &Overrides, args: &RegisterArgs) -> Result<(), Failure> {
+pub fn run(overrides: &Overrides, args: &RegisterArgs) -> Result<(), Exit> {
     let cfg = load_config(overrides)?;
     let token = validate(args)?;
     crate::logging::init(&cfg.log.level, cfg.log.format);
@@ -141,17 +141,17 @@ pub fn run(overrides: &Overrides, args: &RegisterArgs) -> Result<(), Failure> {
     // with its next save. Taking the lock also proves the directory is writable before the
     // API is asked to register anything.
     let lock = store.lock().map_err(|e| match e {
-        e @ LockError::Held { .. } => Failure::runtime(format!(
+        e @ LockError::Held { .. } => Exit::runtime(format!(
             "{e}; then run this register command again, and start the service afterwards: systemctl start exalsius-node-agent"
         )),
-        LockError::State(e) => Failure::runtime(format!(
+        LockError::State(e) => Exit::runtime(format!(
             "cannot write the state in {}: {e}; nothing was registered",
             store.dir().display()
         )),
     })?;
     match store.load() {
         Ok((Some(existing), _)) if !args.force => {
-            return Err(Failure::runtime(format!(
+            return Err(Exit::runtime(format!(
                 "this agent already holds node {} ({}) in {}; \
                  use --force to register again (the old state is kept as state.json.bak)",
                 existing.node_id,
@@ -160,7 +160,7 @@ pub fn run(overrides: &Overrides, args: &RegisterArgs) -> Result<(), Failure> {
             )));
         }
         Err(e) if !args.force => {
-            return Err(Failure::runtime(format!("{e}; use --force to replace it")));
+            return Err(Exit::runtime(format!("{e}; use --force to replace it")));
         }
         _ => {}
     }
@@ -195,13 +195,13 @@ async fn register(
     token: &Secret,
     store: &StateStore,
     lock: &crate::state::StateLock,
-) -> Result<Uuid, Failure> {
-    let client = ApiClient::new(&cfg.api).map_err(|e| Failure::config(e.to_string()))?;
+) -> Result<Uuid, Exit> {
+    let client = ApiClient::new(&cfg.api).map_err(|e| Exit::config(e.to_string()))?;
     let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref());
     let inventory = tokio::task::spawn_blocking(move || collector.collect())
         .await
         .map_err(|e| {
-            Failure::runtime(format!(
+            Exit::runtime(format!(
                 "registration failed: inventory collection failed: {e}"
             ))
         })?;
@@ -218,11 +218,11 @@ async fn register(
         system: &inventory.specs.system,
     };
     let body = serde_json::to_vec(&body)
-        .map_err(|e| Failure::runtime(format!("registration failed: {e}")))?;
+        .map_err(|e| Exit::runtime(format!("registration failed: {e}")))?;
     let url = format!("{}/node/self-register", cfg.api.url);
     let success = post_with_retries(&client, cfg, &url, body, &hostname).await?;
     let node_id = Uuid::parse_str(success.body.node_id.trim()).map_err(|_| {
-        Failure::runtime(format!(
+        Exit::runtime(format!(
             "registration failed: the API answered with node_id {:?}, which is not a UUID",
             success.body.node_id
         ))
@@ -231,7 +231,7 @@ async fn register(
         tracing::warn!("registration answer: {note}");
     }
     let Some(issued) = success.body.issued else {
-        return Err(Failure::runtime(
+        return Err(Exit::runtime(
             "registration failed: the API registered the node but returned no access token",
         ));
     };
@@ -241,7 +241,7 @@ async fn register(
         Ok(Some(bak)) => tracing::info!("previous state kept as {}", bak.display()),
         Ok(None) => {}
         Err(e) => {
-            return Err(Failure::runtime(format!(
+            return Err(Exit::runtime(format!(
                 "registration failed: node {node_id} was registered but its token could not be saved: {e}; \
                  fix the state directory and register again with --force"
             )));
@@ -258,7 +258,7 @@ async fn post_with_retries(
     url: &str,
     body: Vec<u8>,
     hostname: &str,
-) -> Result<crate::api::Success, Failure> {
+) -> Result<crate::api::Success, Exit> {
     let mut backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
     let mut attempt = 0;
     // An attempt that got no answer (a timeout, a reset) may still have registered the node.
@@ -296,7 +296,7 @@ async fn post_with_retries(
             FailureKind::Retryable => format!("{f} (gave up after {attempt} attempts)"),
             _ => f.message,
         };
-        return Err(Failure::runtime(format!("registration failed: {msg}")));
+        return Err(Exit::runtime(format!("registration failed: {msg}")));
     }
 }
 

@@ -1,13 +1,13 @@
 //! `run`: the daemon (and `--once`, `--dry-run`).
 
-use super::{Failure, load_config, runtime};
+use super::{Exit, load_config, runtime};
 use crate::cli::RunArgs;
 use crate::config::{Config, Overrides, process_env};
 use crate::heartbeat::{self, Control, Mode, RunError};
 use crate::inventory::{Collector, HostCollector};
 use std::sync::Arc;
 
-impl From<RunError> for Failure {
+impl From<RunError> for Exit {
     fn from(e: RunError) -> Self {
         Self {
             code: e.exit_code(),
@@ -24,7 +24,7 @@ fn collector(cfg: &Config) -> Arc<dyn Collector> {
 }
 
 /// Runs `run`.
-pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Failure> {
+pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
     let cfg = load_config(overrides)?;
     crate::footprint::mark("configuration loaded");
     crate::logging::init(&cfg.log.level, cfg.log.format);
@@ -72,5 +72,5 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Failure> {
     // being waited for, as dropping the runtime would. Probe children are killed first.
     runtime.shutdown_background();
     crate::inventory::software::kill_running_probes();
-    result.map_err(Failure::from)
+    result.map_err(Exit::from)
 }

@@ -1,6 +1,6 @@
 //! `status`: the last heartbeat from the state file, as a health check.
 
-use super::{Failure, load_config};
+use super::{Exit, load_config};
 use crate::cli::StatusArgs;
 use crate::config::Overrides;
 use crate::state::{State, StateStore, rfc3339};
@@ -26,7 +26,7 @@ struct StatusView {
 
 /// Runs `status`: 0 when the last success is younger than 3 × `heartbeat.interval`, else 1
 /// (a health check; the view is printed either way).
-pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Failure> {
+pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
     let cfg = load_config(overrides)?;
     let store = StateStore::new(&cfg.state.dir);
     // Read only: `status` changes nothing, not even a mode that is too open.
@@ -41,15 +41,15 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Failure> {
                     store.path().display()
                 );
             }
-            return Err(Failure::quiet());
+            return Err(Exit::quiet());
         }
-        Err(e) => return Err(Failure::runtime(e.to_string())),
+        Err(e) => return Err(Exit::runtime(e.to_string())),
     };
     let now = SystemTime::now();
     let view = view(&state, cfg.heartbeat.interval.saturating_mul(3), now);
     if args.json {
         let s = serde_json::to_string_pretty(&view)
-            .map_err(|e| Failure::runtime(format!("cannot render the status: {e}")))?;
+            .map_err(|e| Exit::runtime(format!("cannot render the status: {e}")))?;
         println!("{s}");
     } else {
         print!("{}", render(&view, &state, now));
@@ -58,7 +58,7 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Failure> {
         Ok(())
     } else {
         // The view says UNHEALTHY (or `"healthy": false`); the exit code is for scripts.
-        Err(Failure::quiet())
+        Err(Exit::quiet())
     }
 }
 

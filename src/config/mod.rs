@@ -5,8 +5,8 @@
 //! [`Config`]. Every error names the key (and the file line where the parser knows it), so an
 //! operator can fix it from one line of output; the caller exits with [`EX_CONFIG`].
 
-mod build;
 mod file;
+mod layers;
 mod validate;
 
 pub use crate::logging::LogFormat;
@@ -194,13 +194,13 @@ pub struct ApiConfig {
     /// This node's id in the pool; `None` when `register` supplied it through the state file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<Uuid>,
-    /// The bootstrap token from the config (or its file).
+    /// The configured token from the config (or its file).
     #[serde(
         serialize_with = "serialize_redacted",
         skip_serializing_if = "Option::is_none"
     )]
     pub access_token: Option<Secret>,
-    /// Where the bootstrap token was read from, if a file.
+    /// Where the configured token was read from, if a file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_token_file: Option<PathBuf>,
     /// Whole-request timeout.
@@ -314,7 +314,7 @@ impl Config {
             },
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        build::build(file, source, overrides, env)
+        layers::build(file, source, overrides, env)
     }
 
     /// Parses a config text as if read from `path` (tests, fuzzing).
@@ -325,7 +325,7 @@ impl Config {
         env: EnvLookup<'_>,
     ) -> Result<Self, ConfigError> {
         let file = file::parse(text, &path.display().to_string())?;
-        build::build(file, Some(path.to_path_buf()), overrides, env)
+        layers::build(file, Some(path.to_path_buf()), overrides, env)
     }
 
     /// `PATCH` target for the configured or given node.

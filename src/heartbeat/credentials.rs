@@ -8,7 +8,7 @@
 //!   different token ([`Credentials::start`], [`Credentials::reconfigure`]), or when a
 //!   registration replaces the state. A rejection never replaces it.
 //! - On 401/403 for the stored (rotated) token: one immediate try with the configured
-//!   bootstrap token, if there is one and it differs; after that the two alternate on the slow
+//!   configured token, if there is one and it differs; after that the two alternate on the slow
 //!   schedule ([`Credentials::on_rejected`]).
 //! - A stored token that looks expired by the wall clock is still tried first: the clock can
 //!   be wrong early at boot, and only the API knows.
@@ -31,14 +31,14 @@ use uuid::Uuid;
 pub enum Sending {
     /// The stored token (rotated, registered, or the configured one before any rotation).
     Stored,
-    /// The configured bootstrap token, after the stored one was rejected.
-    Bootstrap,
+    /// The configured token, after the stored one was rejected.
+    Configured,
 }
 
 /// What to do after a 401/403.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterRejection {
-    /// Try again at once, with the bootstrap token.
+    /// Try again at once, with the configured token.
     RetryNow,
     /// Try again on the slow schedule; `switched` when the token to send changed.
     RetrySlowly { switched: bool },
@@ -48,7 +48,7 @@ pub enum AfterRejection {
 #[derive(Debug, Clone)]
 pub struct Credentials {
     state: State,
-    bootstrap: Option<Secret>,
+    configured: Option<Secret>,
     sending: Sending,
     /// The immediate fallback was used since the last success.
     fell_back: bool,
@@ -86,7 +86,7 @@ impl Credentials {
                     Some(s) if s.node_id != *node_id => {
                         "state is for another node: starting from the configured token"
                     }
-                    Some(s) if s.bootstrap_token_sha256.as_deref() != Some(sha.as_str()) => {
+                    Some(s) if s.configured_token_sha256.as_deref() != Some(sha.as_str()) => {
                         "the configured token changed: starting from it"
                     }
                     // Same node, same configured token, another URL: a typo fixed, an alias, a
@@ -140,10 +140,10 @@ impl Credentials {
     }
 
     /// Credentials around a state, sending the stored token.
-    pub fn new(state: State, bootstrap: Option<Secret>) -> Self {
+    pub fn new(state: State, configured: Option<Secret>) -> Self {
         Self {
             state,
-            bootstrap,
+            configured,
             sending: Sending::Stored,
             fell_back: false,
             saved: None,
@@ -158,9 +158,9 @@ impl Credentials {
         if next.state.access_token == self.state.access_token
             && next.state.node_id == self.state.node_id
         {
-            self.bootstrap = next.bootstrap;
+            self.configured = next.configured;
             self.state.api_url = next.state.api_url;
-            if self.bootstrap.is_none() {
+            if self.configured.is_none() {
                 self.sending = Sending::Stored;
             }
             return Ok(None);
@@ -171,8 +171,8 @@ impl Credentials {
 
     /// The token to send next.
     pub fn token(&self) -> &Secret {
-        match (self.sending, &self.bootstrap, &self.saved) {
-            (Sending::Bootstrap, Some(b), _) => b,
+        match (self.sending, &self.configured, &self.saved) {
+            (Sending::Configured, Some(b), _) => b,
             (_, _, Some(saved)) => saved,
             _ => &self.state.access_token,
         }
@@ -205,8 +205,8 @@ impl Credentials {
     }
 
     /// The configured token, if any.
-    pub fn bootstrap(&self) -> Option<&Secret> {
-        self.bootstrap.as_ref()
+    pub fn configured(&self) -> Option<&Secret> {
+        self.configured.as_ref()
     }
 
     /// A 2xx: a new token is stored and sent from now on; without one, the token that was
@@ -230,7 +230,7 @@ impl Credentials {
     /// A 401/403 for the token just sent. The stored token stays as it is.
     pub fn on_rejected(&mut self) -> AfterRejection {
         let stored = self.saved.as_ref().unwrap_or(&self.state.access_token);
-        let alternative = self.bootstrap.as_ref().is_some_and(|b| b != stored);
+        let alternative = self.configured.as_ref().is_some_and(|b| b != stored);
         if !alternative {
             self.sending = Sending::Stored;
             return AfterRejection::RetrySlowly { switched: false };
@@ -238,14 +238,14 @@ impl Credentials {
         match self.sending {
             Sending::Stored if !self.fell_back => {
                 self.fell_back = true;
-                self.sending = Sending::Bootstrap;
+                self.sending = Sending::Configured;
                 AfterRejection::RetryNow
             }
             Sending::Stored => {
-                self.sending = Sending::Bootstrap;
+                self.sending = Sending::Configured;
                 AfterRejection::RetrySlowly { switched: true }
             }
-            Sending::Bootstrap => {
+            Sending::Configured => {
                 self.sending = Sending::Stored;
                 AfterRejection::RetrySlowly { switched: true }
             }
@@ -389,7 +389,7 @@ mod tests {
 
     #[test]
     fn one_spurious_401_never_replaces_the_rotated_token() {
-        // The API retired the bootstrap token once r1 was used; a blip rejects r1 once.
+        // The API retired the configured token once r1 was used; a blip rejects r1 once.
         table(
             "boot",
             Some("r1"),
@@ -414,7 +414,7 @@ mod tests {
                 // A restart during the alternation starts from the stored token again.
                 (Restart("boot"), "r1", "r1"),
                 (Reject(RetryNow), "boot", "r1"),
-                // The bootstrap token is accepted: what it is issued is stored.
+                // The configured token is accepted: what it is issued is stored.
                 (Ok(Some("r2")), "r2", "r2"),
                 // After a success the immediate fallback is available again.
                 (Reject(RetryNow), "boot", "r2"),
@@ -423,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_accepted_without_a_new_token_keeps_the_stored_one() {
+    fn configured_accepted_without_a_new_token_keeps_the_stored_one() {
         table(
             "boot",
             Some("r1"),
@@ -482,11 +482,11 @@ mod tests {
             None,
         );
         let (mut got, _) = Credentials::start(&c, Some(creds.state().clone())).unwrap();
-        assert!(got.bootstrap().is_none());
+        assert!(got.configured().is_none());
         assert_eq!(
             got.on_rejected(),
             RetrySlowly { switched: false },
-            "no bootstrap to fall back to"
+            "no configured to fall back to"
         );
         assert_eq!(got.token().expose(), "reg");
         assert!(creds.on_accepted(Some(issued("reg-2")), now));
@@ -531,7 +531,7 @@ mod tests {
         assert_eq!(got.token().expose(), "rot-1");
         assert_eq!(why, CARRIED_OVER);
         assert_eq!(got.state().api_url, c.api.url);
-        assert_eq!(got.bootstrap().map(Secret::expose), Some("boot"));
+        assert_eq!(got.configured().map(Secret::expose), Some("boot"));
     }
 
     #[test]

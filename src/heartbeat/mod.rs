@@ -9,11 +9,11 @@
 
 pub mod credentials;
 mod outcome;
-mod refresh;
 mod reload;
+mod resume;
 pub mod schedule;
 pub mod sender;
-mod stored;
+mod specs;
 
 pub use credentials::{AfterRejection, Credentials, Sending};
 pub use schedule::{
@@ -80,7 +80,7 @@ pub enum RunError {
     #[error("{0}")]
     State(String),
     /// Stopping so that systemd starts the service again with a device policy that covers
-    /// the NVIDIA driver loaded since (`refresh.rs`, `device_policy_restart`).
+    /// the NVIDIA driver loaded since (`specs.rs`, `device_policy_restart`).
     #[error("{0}")]
     RestartForDevices(String),
 }
@@ -174,11 +174,11 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         if stale > 0 {
             info!("removed {stale} temp file(s) left by an interrupted state write");
         }
-        let stored = stored::load(&store)?;
+        let stored = resume::load(&store)?;
         crate::footprint::mark("state loaded");
         let previous = stored.clone();
         let (creds, reason) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
-        stored::keep_if_replaced(&store, previous.as_ref(), creds.state());
+        resume::keep_if_replaced(&store, previous.as_ref(), creds.state());
         info!(
             node_id = %creds.state().node_id,
             api = %cfg.api.url,
@@ -220,7 +220,7 @@ struct Next {
     wait: Duration,
     /// The failure, when the attempt failed.
     failure: Option<Failure>,
-    /// Retry at once: with the bootstrap token after a 401 (`--once` makes that try too and
+    /// Retry at once: with the configured token after a 401 (`--once` makes that try too and
     /// does not count it as an attempt), or without a body after a 400/422 (for `--once` the
     /// rejection is final: it reports it).
     immediate: bool,

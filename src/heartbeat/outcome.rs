@@ -58,7 +58,7 @@ impl Agent {
             warn!("heartbeat answer: {note}");
         }
         let lifetime = success.body.issued.as_ref().and_then(|i| i.expires_in);
-        if self.creds.sending() == Sending::Bootstrap {
+        if self.creds.sending() == Sending::Configured {
             info!("the configured access token was accepted");
         }
         // The state already names the running API URL (`Credentials::start`/`reconfigure`).
@@ -184,7 +184,7 @@ impl Agent {
             }
             AfterRejection::RetrySlowly { switched } => {
                 let wait = self.next_wait(Verdict::Slow, now);
-                let what_to_do = if self.creds.bootstrap().is_some() {
+                let what_to_do = if self.creds.configured().is_some() {
                     format!(
                         "if this persists, put a new access token in {} (api.access_token) and reload: systemctl reload exalsius-node-agent",
                         self.cfg.file_hint()
@@ -194,12 +194,12 @@ impl Agent {
                 };
                 let which = match rejected {
                     Sending::Stored => "stored",
-                    Sending::Bootstrap => "configured",
+                    Sending::Configured => "configured",
                 };
                 let next = if switched {
                     match self.creds.sending() {
                         Sending::Stored => "; next try with the stored token",
-                        Sending::Bootstrap => "; next try with the configured token",
+                        Sending::Configured => "; next try with the configured token",
                     }
                 } else {
                     ""

@@ -43,7 +43,7 @@ impl Agent {
                 Ok(changed) => {
                     if let Some(why) = changed {
                         info!(node_id = %creds.state().node_id, "reload: {why}");
-                        stored::keep_if_replaced(
+                        resume::keep_if_replaced(
                             &self.store,
                             Some(self.creds.state()),
                             creds.state(),

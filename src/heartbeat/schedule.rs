@@ -18,7 +18,7 @@ pub enum Verdict {
         /// The server's `Retry-After`, already capped.
         retry_after: Option<Duration>,
     },
-    /// Try again at once (the bootstrap token after a 401, a pure heartbeat after a rejected
+    /// Try again at once (the configured token after a 401, a pure heartbeat after a rejected
     /// body).
     Now,
     /// 401/403 with nothing to try at once, 404: the slow schedule.

@@ -88,9 +88,9 @@ pub struct State {
     pub token_type: Option<String>,
     /// When the token stops being valid, if the API said.
     pub token_expires_at: Option<SystemTime>,
-    /// SHA-256 of the configured bootstrap token this state descends from; `None` for a node
-    /// that was registered with `register` (no bootstrap token).
-    pub bootstrap_token_sha256: Option<String>,
+    /// SHA-256 of the configured token this state descends from; `None` for a node
+    /// that was registered with `register` (no configured token).
+    pub configured_token_sha256: Option<String>,
     /// Last heartbeat attempt.
     pub last_attempt_at: Option<SystemTime>,
     /// Last successful heartbeat.
@@ -110,14 +110,14 @@ pub struct State {
 
 impl State {
     /// A fresh state for a node and token.
-    pub fn new(node_id: Uuid, api_url: &str, token: Secret, bootstrap: Option<&Secret>) -> Self {
+    pub fn new(node_id: Uuid, api_url: &str, token: Secret, configured: Option<&Secret>) -> Self {
         Self {
             node_id,
             api_url: api_url.to_string(),
             access_token: token,
             token_type: None,
             token_expires_at: None,
-            bootstrap_token_sha256: bootstrap.map(Secret::sha256_hex),
+            configured_token_sha256: configured.map(Secret::sha256_hex),
             last_attempt_at: None,
             last_success_at: None,
             consecutive_failures: 0,
@@ -150,8 +150,13 @@ struct StateFile {
     token_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     token_expires_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    bootstrap_token_sha256: Option<String>,
+    /// Named so on disk since format 1 (the code says "configured token" everywhere else).
+    #[serde(
+        default,
+        rename = "bootstrap_token_sha256",
+        skip_serializing_if = "Option::is_none"
+    )]
+    configured_token_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_attempt_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,7 +196,7 @@ impl From<&State> for StateFile {
             access_token: s.access_token.expose().to_string(),
             token_type: s.token_type.clone(),
             token_expires_at: s.token_expires_at.map(rfc3339),
-            bootstrap_token_sha256: s.bootstrap_token_sha256.clone(),
+            configured_token_sha256: s.configured_token_sha256.clone(),
             last_attempt_at: s.last_attempt_at.map(rfc3339),
             last_success_at: s.last_success_at.map(rfc3339),
             consecutive_failures: s.consecutive_failures,
@@ -212,7 +217,7 @@ impl From<StateFile> for State {
             access_token: Secret::new(f.access_token),
             token_type: f.token_type,
             token_expires_at: parse_time(&f.token_expires_at),
-            bootstrap_token_sha256: f.bootstrap_token_sha256,
+            configured_token_sha256: f.configured_token_sha256,
             last_attempt_at: parse_time(&f.last_attempt_at),
             last_success_at: parse_time(&f.last_success_at),
             consecutive_failures: f.consecutive_failures,

@@ -21,7 +21,7 @@ async fn one_spurious_401_never_replaces_the_rotated_token() {
         &config_text(&api.url(), "").replace("max_backoff = \"400ms\"", "max_backoff = \"3s\""),
     );
     agent.spawn(&[]);
-    // boot → r1, r1 → r2: the stand-in retires the bootstrap token once r1 is used.
+    // boot → r1, r1 → r2: the stand-in retires the configured token once r1 is used.
     api.wait_requests(2, 10 * SECOND).await;
     // One blip: the next request is rejected although its token is valid.
     api.script([Scripted::Status(401)]);
@@ -32,7 +32,7 @@ async fn one_spurious_401_never_replaces_the_rotated_token() {
     assert_eq!(blip.status, 401);
     let rotated = blip.auth.clone().unwrap();
     assert_ne!(rotated, bearer(BOOT));
-    // One immediate try with the bootstrap token (retired: 401) ...
+    // One immediate try with the configured token (retired: 401) ...
     assert_eq!(
         seen[before + 1].auth.as_deref(),
         Some(bearer(BOOT).as_str())
@@ -45,7 +45,7 @@ async fn one_spurious_401_never_replaces_the_rotated_token() {
     assert_eq!(seen[before + 2].status, 200);
     let slow = seen[before + 2].at - seen[before + 1].at;
     assert!(slow >= 2900 * MS, "{slow:?}");
-    // The stored token is the newest issued, never the bootstrap token.
+    // The stored token is the newest issued, never the configured token.
     // (A stop between issue and persist leaves the one before the newest.)
     let stored = agent.state_json()["access_token"]
         .as_str()
@@ -56,7 +56,7 @@ async fn one_spurious_401_never_replaces_the_rotated_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_rejection_alternates_and_never_stores_the_bootstrap_token() {
+async fn a_long_rejection_alternates_and_never_stores_the_configured_token() {
     let (api, mut agent) = setup_with("").await;
     agent.spawn(&[]);
     api.wait_requests(2, 10 * SECOND).await;
@@ -78,7 +78,7 @@ async fn a_long_rejection_alternates_and_never_stores_the_bootstrap_token() {
             bearer(BOOT),
             rotated.clone()
         ],
-        "rotated, immediate bootstrap, then alternating"
+        "rotated, immediate configured, then alternating"
     );
     let state = agent.state_json();
     assert_eq!(bearer(state["access_token"].as_str().unwrap()), rotated);
@@ -338,7 +338,7 @@ async fn a_state_file_the_agent_cannot_read_is_kept_and_named() {
             .output()
             .unwrap()
     };
-    // A first run as the service user: the bootstrap token is used, a rotated one stored, and
+    // A first run as the service user: the configured token is used, a rotated one stored, and
     // the API accepts only that one from now on.
     let out = tokio::task::spawn_blocking(run_once.clone()).await.unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -76,7 +76,7 @@ async fn rotates_the_token_on_every_heartbeat_and_persists_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_uses_the_persisted_token_and_a_new_bootstrap_token_wins() {
+async fn restart_uses_the_persisted_token_and_a_new_configured_token_wins() {
     let (api, mut agent) = setup_with("").await;
     agent.spawn(&[]);
     api.wait_requests(3, 10 * SECOND).await;
@@ -84,7 +84,7 @@ async fn restart_uses_the_persisted_token_and_a_new_bootstrap_token_wins() {
     let last = api.issued().last().unwrap().clone();
     let before = api.count();
 
-    // Restart: the first request carries the persisted token, not the bootstrap one.
+    // Restart: the first request carries the persisted token, not the configured one.
     agent.spawn(&[]);
     let seen = api.wait_requests(before + 1, 10 * SECOND).await;
     agent.stop();
@@ -94,7 +94,7 @@ async fn restart_uses_the_persisted_token_and_a_new_bootstrap_token_wins() {
     );
     assert_eq!(seen[before].status, 200);
 
-    // An operator puts a new bootstrap token in the config: it is used from the start.
+    // An operator puts a new configured token in the config: it is used from the start.
     api.with(|s| s.accepted.push("boot-token-SECRET-0002".into()));
     agent.write_config(&config_text(&api.url(), "").replace(BOOT, "boot-token-SECRET-0002"));
     let before = api.count();
@@ -146,7 +146,7 @@ async fn server_errors_back_off_with_growing_gaps_then_recover() {
         "{out}"
     );
     assert!(out.contains("API reachable again"), "{out}");
-    // Failed attempts do not change the token: request 4 still uses the bootstrap token.
+    // Failed attempts do not change the token: request 4 still uses the configured token.
     assert_eq!(
         seen[4].auth.as_deref(),
         Some(format!("Bearer {BOOT}").as_str())
@@ -196,7 +196,7 @@ async fn retry_after_is_honoured_above_max_backoff() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_rotated_token_falls_back_to_the_bootstrap_token_once() {
+async fn rejected_rotated_token_falls_back_to_the_configured_token_once() {
     let (api, mut agent) = setup().await;
     // A 5 s slow schedule: "at once" is then far from "on the slow schedule" on any machine;
     // the exact zero gap is proven in paused time (tests/it/schedule.rs).
@@ -207,7 +207,7 @@ async fn rejected_rotated_token_falls_back_to_the_bootstrap_token_once() {
     api.wait_requests(2, 10 * SECOND).await;
     agent.stop();
     let rotated = api.issued().last().unwrap().clone();
-    // The API forgets every rotated token; only the bootstrap token works again.
+    // The API forgets every rotated token; only the configured token works again.
     api.with(|s| s.accepted = vec![BOOT.to_string()]);
     let before = api.count();
     agent.spawn(&[]);
@@ -231,7 +231,7 @@ async fn rejected_rotated_token_falls_back_to_the_bootstrap_token_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_bootstrap_token_waits_max_backoff_and_says_what_to_do() {
+async fn rejected_configured_token_waits_max_backoff_and_says_what_to_do() {
     let api = StandIn::start().await;
     api.with(|s| s.accepted.clear());
     let mut agent = Agent::new();
@@ -316,7 +316,7 @@ async fn malformed_and_oversized_bodies_change_nothing() {
     agent.spawn(&[]);
     let seen = api.wait_requests(6, 15 * SECOND).await;
     agent.stop();
-    // Every bad answer left the bootstrap token in place; the fifth request succeeds with it.
+    // Every bad answer left the configured token in place; the fifth request succeeds with it.
     for s in &seen[..5] {
         assert_eq!(s.auth.as_deref(), Some(format!("Bearer {BOOT}").as_str()));
     }

@@ -33,7 +33,7 @@ fn url_only_config(agent: &Agent, url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_heartbeat_after_an_import_carries_the_legacy_token() {
     let api = StandIn::start().await;
-    // The bootstrap is long retired: only the latest rotated legacy token is accepted.
+    // The configured is long retired: only the latest rotated legacy token is accepted.
     api.with(|s| s.accepted = vec![LEGACY_TOKEN.to_string()]);
     let agent = Agent::new();
     url_only_config(&agent, &api.url());

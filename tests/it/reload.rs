@@ -72,9 +72,9 @@ async fn sighup_changes_the_log_level_the_gpu_mode_and_the_api_url() {
 }
 
 /// An `api.url` with a typo, fixed by `systemctl reload`: the heartbeats then succeed and the
-/// token rotates (the API retires the bootstrap token) — and the next restart (a reboot, an
+/// token rotates (the API retires the configured token) — and the next restart (a reboot, an
 /// upgrade) must go on with the rotated token. The state used to stay tied to the typo URL,
-/// so the restart fell back to the retired bootstrap token: 401 for ever, and its first save
+/// so the restart fell back to the retired configured token: 401 for ever, and its first save
 /// overwrote the rotated token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_fixes_the_url_survives_the_next_restart() {
@@ -85,7 +85,7 @@ async fn a_reload_that_fixes_the_url_survives_the_next_restart() {
     agent.wait_output("cannot connect", 10 * SECOND).await;
     agent.write_config(&config_text(&api.url(), ""));
     agent.signal("HUP");
-    // boot → r1, then r1 → r2: the bootstrap token is retired.
+    // boot → r1, then r1 → r2: the configured token is retired.
     api.wait_requests(3, 10 * SECOND).await;
     agent.stop();
     assert_eq!(agent.state_json()["api_url"], api.url().as_str());

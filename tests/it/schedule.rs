@@ -227,7 +227,7 @@ async fn no_wait_runs_past_half_the_token_lifetime_and_short_tokens_cannot_storm
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_rejected_stored_token_falls_back_to_the_bootstrap_once_then_alternates_slowly() {
+async fn a_rejected_stored_token_falls_back_to_the_configured_once_then_alternates_slowly() {
     let script = vec![
         ok("t1", None),
         failed(FailureKind::Unauthorized, 401, None),

@@ -693,7 +693,13 @@ fn with_real_faults(test: &str, body: fn(bool)) {
     let out = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--"])
         .arg(exe)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        // The test's name as libtest knows it in the one test crate: `token_model::<fn>`.
+        .args([
+            &format!("{}::{test}", module_path!().trim_start_matches("it::")),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "1")
         .output()
         .expect("unshare (util-linux)");

@@ -201,7 +201,7 @@ impl Respond for Responder {
                 st.accepted
                     .retain(|t| match (used_at, index.get(t).copied()) {
                         (Some(u), Some(i)) => i >= u,
-                        (Some(_), None) => false, // bootstrap: retired once a rotated one is used
+                        (Some(_), None) => false, // configured: retired once a rotated one is used
                         (None, _) => true,
                     });
                 st.issued_at = index;

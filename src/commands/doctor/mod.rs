@@ -4,11 +4,12 @@
 
 mod local;
 mod net;
-mod state;
+mod service;
+mod state_dir;
 mod tls;
 mod unit;
 
-use super::Failure;
+use super::Exit;
 use crate::cli::DoctorArgs;
 use crate::config::{Config, Overrides, process_env};
 use serde::Serialize;
@@ -118,7 +119,7 @@ struct Report<'a> {
 }
 
 /// Runs `doctor`.
-pub fn run(overrides: &Overrides, args: &DoctorArgs) -> Result<(), Failure> {
+pub fn run(overrides: &Overrides, args: &DoctorArgs) -> Result<(), Exit> {
     let cfg = Config::load(overrides, &process_env);
     // Probe warnings (NVML, PCI) would interleave with the checklist; they are in its lines.
     let level = overrides.log_level.as_deref().unwrap_or("error");
@@ -134,7 +135,7 @@ pub fn run(overrides: &Overrides, args: &DoctorArgs) -> Result<(), Failure> {
         };
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
-            Err(e) => return Err(Failure::runtime(format!("cannot render the report: {e}"))),
+            Err(e) => return Err(Exit::runtime(format!("cannot render the report: {e}"))),
         }
     } else {
         print!("{}", render(&checks));
@@ -145,7 +146,7 @@ pub fn run(overrides: &Overrides, args: &DoctorArgs) -> Result<(), Failure> {
         );
     }
     if failed > 0 {
-        Err(Failure::runtime(format!(
+        Err(Exit::runtime(format!(
             "doctor: {failed} check{} failed",
             if failed == 1 { "" } else { "s" }
         )))
@@ -177,8 +178,8 @@ fn collect(cfg: Result<Config, crate::config::ConfigError>, args: &DoctorArgs) -
         || crate::config::default_state_dir(&process_env),
         |c| c.state.dir.clone(),
     );
-    checks.extend(state::state_checks(&state_dir, &user));
-    checks.extend(state::service_checks(&state_dir, &unit));
+    checks.extend(state_dir::state_checks(&state_dir, &user));
+    checks.extend(service::service_checks(&state_dir, &unit));
     let Some(cfg) = cfg else {
         checks.push(Check::info(
             "api",

@@ -12,7 +12,7 @@ mod plan;
 
 pub use plan::{Existing, Legacy, Plan, decide, imported_state, parse_legacy};
 
-use super::Failure;
+use super::Exit;
 use crate::cli::ImportLegacyArgs;
 use crate::config::{Config, Overrides};
 use crate::state::{LockError, StateStore};
@@ -91,23 +91,23 @@ impl Units {
     }
 }
 
-fn read_legacy(path: &Path) -> Result<Legacy, Failure> {
+fn read_legacy(path: &Path) -> Result<Legacy, Exit> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Failure::runtime(format!(
+        std::io::ErrorKind::NotFound => Exit::runtime(format!(
             "{}: not found; nothing to import (name another file with --from)",
             path.display()
         )),
-        _ => Failure::runtime(format!("cannot read {}: {e}", path.display())),
+        _ => Exit::runtime(format!("cannot read {}: {e}", path.display())),
     })?;
     if !meta.is_file() || meta.len() > MAX_LEGACY_BYTES {
-        return Err(Failure::config(format!(
+        return Err(Exit::config(format!(
             "{} is not a client-hw-info config.env (not a regular file of at most 64 KiB)",
             path.display()
         )));
     }
     let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::runtime(format!("cannot read {}: {e}", path.display())))?;
-    parse_legacy(&text, path).map_err(Failure::config)
+        .map_err(|e| Exit::runtime(format!("cannot read {}: {e}", path.display())))?;
+    parse_legacy(&text, path).map_err(Exit::config)
 }
 
 fn load_existing(store: &StateStore, legacy: &Legacy) -> Existing {
@@ -128,7 +128,7 @@ struct Import<'a> {
 
 /// Runs `import-legacy`: check, then (unless `--dry-run`) lock, stop the legacy timer, take
 /// the token over, rename the legacy file.
-pub fn run(overrides: &Overrides, args: &ImportLegacyArgs) -> Result<(), Failure> {
+pub fn run(overrides: &Overrides, args: &ImportLegacyArgs) -> Result<(), Exit> {
     let cfg = super::load_config(overrides)?;
     crate::logging::init(&cfg.log.level, cfg.log.format);
     let from = args
@@ -151,10 +151,8 @@ pub fn run(overrides: &Overrides, args: &ImportLegacyArgs) -> Result<(), Failure
     }
     // One writer per state directory, as for `register`.
     let lock = import.store.lock().map_err(|e| match e {
-        e @ LockError::Held { .. } => {
-            Failure::runtime(format!("{e}; then run import-legacy again"))
-        }
-        LockError::State(e) => Failure::runtime(format!(
+        e @ LockError::Held { .. } => Exit::runtime(format!("{e}; then run import-legacy again")),
+        LockError::State(e) => Exit::runtime(format!(
             "cannot write the state in {}: {e}; nothing was imported",
             import.store.dir().display()
         )),
@@ -214,11 +212,11 @@ impl Import<'_> {
     }
 
     /// Stops and disables the legacy timer where systemd runs; whether it did.
-    fn stop_legacy(&self) -> Result<bool, Failure> {
+    fn stop_legacy(&self) -> Result<bool, Exit> {
         match (self.units.timer_installed(), self.units.systemd) {
             (true, true) => {
                 self.units.stop_and_disable().map_err(|e| {
-                    Failure::runtime(format!(
+                    Exit::runtime(format!(
                         "{e}; nothing was imported (two programs must never rotate one token): fix that, then run import-legacy again"
                     ))
                 })?;
@@ -237,10 +235,10 @@ impl Import<'_> {
 
     /// Reads the file again (a legacy run that was in progress may have rotated the token; now
     /// nothing writes it), decides again, and writes the state.
-    fn take_over(&self, legacy: &Legacy, lock: &crate::state::StateLock) -> Result<Plan, Failure> {
+    fn take_over(&self, legacy: &Legacy, lock: &crate::state::StateLock) -> Result<Plan, Exit> {
         let now = read_legacy(&self.from)?;
         if now.node_id != legacy.node_id || now.api_url != legacy.api_url {
-            return Err(Failure::runtime(format!(
+            return Err(Exit::runtime(format!(
                 "{} changed while importing (another node or API); nothing was imported",
                 self.from.display()
             )));
@@ -257,7 +255,7 @@ impl Import<'_> {
                 Ok(Some(bak)) => println!("previous state kept as {}", bak.display()),
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(Failure::runtime(format!(
+                    return Err(Exit::runtime(format!(
                         "cannot write the state: {e}; nothing was imported"
                     )));
                 }

@@ -1,7 +1,7 @@
 //! The pure half of `import-legacy`: client-hw-info's `config.env` parsed and validated, the
 //! decision what to do given the agent's config and state, and the state to write. No I/O.
 
-use super::super::Failure;
+use super::super::Exit;
 use crate::api::Issued;
 use crate::config::Config;
 use crate::heartbeat::credentials::registered_state;
@@ -170,9 +170,9 @@ pub struct Plan {
     pub write_state: bool,
     /// Keep an existing state as `state.json.bak` (with `--force`).
     pub keep_old: bool,
-    /// SHA-256 of the configured bootstrap token for the same node, so `run` tries the imported
+    /// SHA-256 of the configured token for the same node, so `run` tries the imported
     /// token first and keeps the configured one as its fallback.
-    pub bootstrap_sha256: Option<String>,
+    pub configured_sha256: Option<String>,
 }
 
 /// The decision, pure: refuses what `run` would refuse later (another API URL, another
@@ -182,10 +182,10 @@ pub fn decide(
     cfg: &Config,
     existing: &Existing,
     force: bool,
-) -> Result<Plan, Failure> {
+) -> Result<Plan, Exit> {
     let file = cfg.file_hint();
     if legacy.api_url != cfg.api.url {
-        return Err(Failure::config(format!(
+        return Err(Exit::config(format!(
             "the legacy node talks to API_URL={} but this agent is configured for {}; \
              set api.url = \"{}\" in {file} (or EXALSIUS_API_URL) and run import-legacy again",
             legacy.api_url, cfg.api.url, legacy.api_url
@@ -194,18 +194,18 @@ pub fn decide(
     if let Some(id) = cfg.api.node_id
         && id != legacy.node_id
     {
-        return Err(Failure::config(format!(
+        return Err(Exit::config(format!(
             "api.node_id = {id} in {file} differs from the legacy NODE_ID {}; \
              remove api.node_id (the state will hold it) or fix it",
             legacy.node_id
         )));
     }
-    let bootstrap_sha256 = match (cfg.api.node_id, &cfg.api.access_token) {
+    let configured_sha256 = match (cfg.api.node_id, &cfg.api.access_token) {
         (Some(_), Some(t)) => Some(t.sha256_hex()),
         _ => None,
     };
     let refuse = |why: String| {
-        Err(Failure::runtime(format!(
+        Err(Exit::runtime(format!(
             "{why}; use --force to replace it with the legacy node (the old state is kept as state.json.bak); nothing was changed"
         )))
     };
@@ -215,7 +215,7 @@ pub fn decide(
             return Ok(Plan {
                 write_state: false,
                 keep_old: false,
-                bootstrap_sha256,
+                configured_sha256,
             });
         }
         _ if force => true,
@@ -234,7 +234,7 @@ pub fn decide(
     Ok(Plan {
         write_state: true,
         keep_old,
-        bootstrap_sha256,
+        configured_sha256,
     })
 }
 
@@ -246,7 +246,7 @@ pub fn imported_state(legacy: &Legacy, plan: &Plan, now: SystemTime) -> State {
         token_type: Some("Bearer".to_string()),
     };
     let mut state = registered_state(legacy.node_id, &legacy.api_url, issued, now);
-    state.bootstrap_token_sha256 = plan.bootstrap_sha256.clone();
+    state.configured_token_sha256 = plan.configured_sha256.clone();
     state
 }
 
@@ -374,7 +374,7 @@ mod tests {
         let write = |keep_old| Plan {
             write_state: true,
             keep_old,
-            bootstrap_sha256: None,
+            configured_sha256: None,
         };
         assert_eq!(decide(&l, &c, &Existing::None, false), Ok(write(false)));
         assert_eq!(
@@ -410,11 +410,11 @@ mod tests {
             true,
         );
         assert_eq!(e.unwrap_err().code, 78);
-        // A configured bootstrap token for the same node stays the fallback.
+        // A configured token for the same node stays the fallback.
         let c = cfg(&format!("node_id = \"{ID}\"\naccess_token = \"boot\"\n"));
         let plan = decide(&l, &c, &Existing::None, false).unwrap();
         assert_eq!(
-            plan.bootstrap_sha256,
+            plan.configured_sha256,
             Some(Secret::new("boot").sha256_hex())
         );
         let state = imported_state(&l, &plan, SystemTime::now());
@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(s.node_id, l.node_id);
         assert_eq!(s.api_url, "https://api.exalsius.ai/v1");
         assert_eq!(s.access_token.expose(), "tok-1");
-        assert_eq!(s.bootstrap_token_sha256, None);
+        assert_eq!(s.configured_token_sha256, None);
         assert_eq!(s.token_expires_at, None, "the old tool kept no expiry");
         let (creds, _) =
             crate::heartbeat::credentials::Credentials::start(&cfg(""), Some(s)).unwrap();

@@ -1,6 +1,6 @@
-//! The stored state at start-up and when credentials replace it: what is read, what is moved
-//! aside, what is kept beside it, and what stops the agent rather than lose a token (the rule
-//! is in ARCHITECTURE.md, "The rule for the stored token").
+//! What the loop resumes from: the stored state at start-up and when credentials replace it —
+//! what is read, what is moved aside, what is kept beside it, and what stops the agent rather
+//! than lose a token (the rule is in ARCHITECTURE.md, "The rule for the stored token").
 
 use super::*;
 
