@@ -3,7 +3,7 @@
 //!
 //! Release builds on Linux: also links the binary with a script that gathers the functions `run`
 //! executes (`packaging/hot-text.txt`, made by `bench/hot-text.py`) into `.text.hot` before
-//! `.text`, so the code `run` never executes stays unmapped (README "Benchmarks").
+//! `.text`, so the code `run` never executes stays unmapped (docs/benchmarks.md, "Where the resident memory goes").
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

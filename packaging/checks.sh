@@ -21,8 +21,8 @@ glibc_ceiling() {
   ok "$1: highest GLIBC_ symbol version: $max_glibc (≤ 2.28)"
 }
 
-# size_ceiling LABEL BINARY: the shipped binary stays within 6 MiB (issue 22; README
-# "Benchmarks" has what each crate costs, bench/footprint.py measures it).
+# size_ceiling LABEL BINARY: the shipped binary stays within 6 MiB (issue 22;
+# docs/benchmarks.md has what each crate costs, bench/footprint.py measures it).
 size_ceiling() {
   local bytes
   bytes=$(stat -c %s "$2")
@@ -45,7 +45,7 @@ PY
 }
 
 # hot_text LABEL BINARY MIN_PERCENT: the functions `run` executes sit together in .text.hot
-# (build.rs links them there from packaging/hot-text.txt; README "Benchmarks"), at least
+# (build.rs links them there from packaging/hot-text.txt; docs/benchmarks.md), at least
 # MIN_PERCENT of the bytes bench/hot-text.py gathered when it wrote the list. Fewer means the
 # list no longer names the code (renamed functions, a dependency update): regenerate it.
 hot_text() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Adds built packages to a signed apt and yum/dnf repository in a directory that any static web
-# server can publish (README "Installing on a fleet"):
+# server can publish (docs/operator-guide.md "Installing on a fleet"):
 #
 #   bash packaging/repo.sh (--key-file FILE | --gnupghome DIR) [--key ID] [--url URL] REPO PACKAGE...
 #

@@ -2,7 +2,7 @@
 # The arm64 proof, run by .ci/run after packaging/test-packages.sh has built both
 # architectures (packaging/build.sh):
 #   1. static: aarch64 ELF, highest GLIBC_ symbol ≤ 2.28, lintian and rpmlint as for x86-64;
-#   2. under qemu-user, with one glibc — the multiarch libc6:arm64, never `-L` (README, "arm64"):
+#   2. under qemu-user, with one glibc — the multiarch libc6:arm64, never `-L` (docs/contributing.md, "arm64"):
 #      a threaded C probe (a hang fails: it is a setup bug), tests/it/arm64.rs — `inventory --json`
 #      on every fixture host (valid against the contract), `run --once` against a stand-in API
 #      on loopback (token rotated and persisted), an aarch64 stub libnvidia-ml through the real

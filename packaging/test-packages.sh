@@ -264,11 +264,12 @@ ok "config is a conffile / %config(noreplace), 0640 root:exalsius-agent"
 dpkg-deb -c "$DEB" >"$WORK/deb.list"
 rpm -qlp "$RPM" >"$WORK/rpm.list" 2>/dev/null
 for f in /usr/bin/exalsius-node-agent /usr/share/man/man1/exalsius-node-agent.1.gz \
-         /usr/share/bash-completion/completions/exalsius-node-agent /usr/share/doc/exalsius-node-agent/README.md; do
+         /usr/share/bash-completion/completions/exalsius-node-agent /usr/share/doc/exalsius-node-agent/README.md \
+         /usr/share/doc/exalsius-node-agent/operator-guide.md; do
   grep -q " \.$f\$" "$WORK/deb.list" || die "deb lacks $f"
   grep -qx "$f" "$WORK/rpm.list" || die "rpm lacks $f"
 done
-ok "both packages ship binary, man page, completions, README"
+ok "both packages ship binary, man page, completions, README, operator's guide"
 rpm -qp --scripts "$RPM" >"$WORK/rpm.scripts" 2>/dev/null
 for s in preinstall postinstall preuninstall postuninstall; do
   grep -q "^$s scriptlet" "$WORK/rpm.scripts" || die "rpm lacks %$s"
@@ -608,7 +609,7 @@ inside systemctl start exalsius-node-agent
 fi
 
 if amd64_only "metrics textfile"; then
-say "metrics textfile under the hardened unit (README \"Monitoring\")"
+say "metrics textfile under the hardened unit (docs/operator-guide.md \"Monitoring\")"
 inside install -d -m 0755 /var/lib/prometheus/node-exporter
 inside chown exalsius-agent /var/lib/prometheus/node-exporter
 printf '\n[metrics]\ntextfile = "/var/lib/prometheus/node-exporter/exalsius_node_agent.prom"\n' \
@@ -645,7 +646,7 @@ EOF
 if [ -n "${EXALSIUS_PROMTOOL:-}" ]; then
   "$EXALSIUS_PROMTOOL" check metrics <"$prom" || die "promtool check metrics"
 fi
-ok "with the README's drop-in (ReadWritePaths=): the service writes the textfile, 0644, parsed by prometheus_client"
+ok "with the operator's guide's drop-in (ReadWritePaths=): the service writes the textfile, 0644, parsed by prometheus_client"
 inside rm -f /etc/systemd/system/exalsius-node-agent.service.d/metrics.conf
 inside sed -i '/^\[metrics\]/,$d' /etc/exalsius/node-agent.toml
 inside systemctl daemon-reload
@@ -799,12 +800,12 @@ ok "rpm -e: %preun stopped and disabled; the state (token) is kept, as Debian's 
 fi
 
 if amd64_only "the signed apt repository: install, upgrade and rollback"; then
-say "a fleet host: the signed apt repository (README \"Installing on a fleet\")"
+say "a fleet host: the signed apt repository (docs/operator-guide.md \"Installing on a fleet\")"
 inside rm -rf /var/lib/exalsius-node-agent /etc/exalsius
 inside userdel exalsius-agent 2>/dev/null || true
 # Only the repository under test (the container is a throw-away snapshot): apt reads no mirror.
 inside sh -c 'mkdir -p /root/apt-off && mv /etc/apt/sources.list /etc/apt/sources.list.d/* /root/apt-off/ 2>/dev/null; true'
-# The two steps README "Installing on a fleet" gives a host: the keyring and the .sources file.
+# The two steps docs/operator-guide.md "Installing on a fleet" gives a host: the keyring and the .sources file.
 inside install -m 0644 /mnt/pkg/repos/good/exalsius-archive-keyring.gpg /usr/share/keyrings/exalsius-archive-keyring.gpg
 apt_source() { # VARIANT: the repository's exalsius.sources, pointed at REPOS/VARIANT; fresh lists
   inside sh -c "sed 's|/repos/good/|/repos/$1/|' /mnt/pkg/repos/good/exalsius.sources >/etc/apt/sources.list.d/exalsius.sources"

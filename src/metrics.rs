@@ -249,7 +249,8 @@ impl Metrics {
                 if self.write_error != Some(e.kind()) {
                     tracing::warn!(
                         "metrics: cannot write {}: {msg}; heartbeats go on, retried after each attempt \
-                         (the packaged unit needs a drop-in to write there: see README \"Monitoring\")",
+                         (the packaged unit needs a drop-in to write there: see \
+                         /usr/share/doc/exalsius-node-agent/operator-guide.md, \"Monitoring\")",
                         self.path.display()
                     );
                     self.write_error = Some(e.kind());

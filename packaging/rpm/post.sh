@@ -4,7 +4,7 @@
 if [ ! -e /var/lib/exalsius-node-agent ] && [ ! -L /var/lib/exalsius-node-agent ]; then
     install -d -o exalsius-agent -g exalsius-agent -m 0700 /var/lib/exalsius-node-agent
 fi
-# Taking over from client-hw-info (README "Upgrading from client-hw-info"): on first install,
+# Taking over from client-hw-info (docs/operator-guide.md "Upgrading from client-hw-info"): on first install,
 # when its timer is installed and the agent holds no node yet; before the service starts. A
 # failure leaves client-hw-info running.
 if [ "$1" -eq 1 ] && [ ! -e /var/lib/exalsius-node-agent/state.json ] \

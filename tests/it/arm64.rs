@@ -15,7 +15,7 @@ use support::*;
 /// The aarch64 binary and how to run it: `EXALSIUS_ARM64_RUNNER` (default
 /// `qemu-aarch64-static`, empty when binfmt_misc runs it directly). Never with
 /// `-L /usr/aarch64-linux-gnu`: that takes the cross toolchain's loader beside the multiarch
-/// `libc6:arm64`, two glibc builds that hang at the first `pthread_create` (README, "arm64").
+/// `libc6:arm64`, two glibc builds that hang at the first `pthread_create` (docs/contributing.md, "arm64").
 fn arm64() -> Option<(PathBuf, Vec<String>)> {
     let bin = PathBuf::from(std::env::var("EXALSIUS_ARM64_BIN").ok()?);
     let runner = std::env::var("EXALSIUS_ARM64_RUNNER")

@@ -287,16 +287,16 @@ fn metrics_textfile_must_be_an_absolute_prom_file() {
     }
 }
 
-/// The README's alert rules are `packaging/prometheus/alerts.yml`, and `promtool test rules`
-/// shows they fire when they should and not before.
+/// The alert rules in docs/operator-guide.md ("Monitoring") are `packaging/prometheus/alerts.yml`,
+/// and `promtool test rules` shows they fire when they should and not before.
 #[test]
 fn the_readme_alert_rules_are_tested_rules() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let rules = std::fs::read_to_string(root.join("packaging/prometheus/alerts.yml")).unwrap();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let guide = std::fs::read_to_string(root.join("docs/operator-guide.md")).unwrap();
     assert!(
-        readme.contains(&format!("```yaml\n{rules}```")),
-        "README's alert rules differ from packaging/prometheus/alerts.yml"
+        guide.contains(&format!("```yaml\n{rules}```")),
+        "docs/operator-guide.md's alert rules differ from packaging/prometheus/alerts.yml"
     );
     let Some(promtool) = promtool() else {
         assert!(
