@@ -30,6 +30,15 @@ pub fn build_commit() -> &'static str {
     option_env!("EXALSIUS_BUILD_COMMIT").unwrap_or("unknown")
 }
 
+/// One GPU's health states, as the metrics file shows them.
+#[derive(Debug, Clone)]
+struct GpuStates {
+    index: u32,
+    uuid: String,
+    bus_id: String,
+    states: Vec<crate::inventory::gpu::health::GpuState>,
+}
+
 /// What the agent knows about itself, rendered into the exposition format.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -46,6 +55,8 @@ pub struct Metrics {
     last_status: Option<u16>,
     token_expiry: Option<SystemTime>,
     gpus: Option<i32>,
+    /// Per NVML GPU (index, UUID, bus id): its health states (`gpu_health_state`).
+    gpu_states: Vec<GpuStates>,
     refresh_seconds: Option<f64>,
     inventory_errors: BTreeMap<&'static str, u64>,
     /// The kind of the last write error warned about (one warning per kind).
@@ -69,6 +80,7 @@ impl Metrics {
             last_status: None,
             token_expiry: state.and_then(|s| s.token_expires_at),
             gpus: None,
+            gpu_states: Vec::new(),
             refresh_seconds: None,
             inventory_errors: INVENTORY_SOURCES.iter().map(|s| (*s, 0)).collect(),
             write_error: None,
@@ -116,6 +128,20 @@ impl Metrics {
         self.refresh_seconds = Some(took.as_secs_f64());
     }
 
+    /// Records the health states of the GPUs NVML checked (replacing the last refresh's).
+    pub fn gpu_states(&mut self, gpus: &[crate::inventory::gpu::Gpu]) {
+        self.gpu_states = gpus
+            .iter()
+            .filter(|g| g.health.is_some())
+            .map(|g| GpuStates {
+                index: g.index,
+                uuid: g.uuid.clone().unwrap_or_default(),
+                bus_id: g.bus_id.clone(),
+                states: g.states(),
+            })
+            .collect();
+    }
+
     /// Records a failed inventory source (`collection`: the whole collection timed out or
     /// panicked; `nvml`: an NVML error).
     pub fn inventory_error(&mut self, source: &'static str) {
@@ -148,7 +174,33 @@ impl Metrics {
             &self.inventory_errors,
         );
         self.render_latency(&mut out);
+        self.render_gpu_states(&mut out);
         out
+    }
+
+    /// `gpu_health_state{gpu,uuid,bus_id,state}`: 1 while the GPU is in that state, else 0;
+    /// every state of every NVML GPU is written, so an alert resolves when the state clears.
+    fn render_gpu_states(&self, out: &mut String) {
+        if self.gpu_states.is_empty() {
+            return;
+        }
+        let _ = write!(
+            out,
+            "# HELP {NS}_gpu_health_state 1 while NVML reports the GPU in this health state (not counted: reset_required, gpu_lost, row_remap_failed, fabric_not_ready, fabric_failed).\n# TYPE {NS}_gpu_health_state gauge\n"
+        );
+        for g in &self.gpu_states {
+            for s in crate::inventory::gpu::health::ALL_STATES {
+                let _ = writeln!(
+                    out,
+                    "{NS}_gpu_health_state{{gpu=\"{}\",uuid=\"{}\",bus_id=\"{}\",state=\"{}\"}} {}",
+                    g.index,
+                    label(&g.uuid),
+                    label(&g.bus_id),
+                    s.name(),
+                    u8::from(g.states.contains(&s))
+                );
+            }
+        }
     }
 
     fn render_gauges(&self, out: &mut String) {

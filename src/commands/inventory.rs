@@ -37,7 +37,10 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
             root.display()
         )));
     }
-    let inv = HostCollector::with_root(root, gpu_mode, nvml_library.as_deref()).collect();
+    let count_unhealthy = cfg.as_ref().is_ok_and(|c| c.inventory.count_unhealthy_gpus);
+    let inv = HostCollector::with_root(root, gpu_mode, nvml_library.as_deref())
+        .count_unhealthy_gpus(count_unhealthy)
+        .collect();
     let mut out = std::io::stdout().lock();
     let text = if args.json {
         serde_json::to_string_pretty(&crate::api::NodePatchRequest::new(
@@ -117,6 +120,29 @@ pub fn render_inventory(inv: &Inventory) -> String {
     s
 }
 
+/// The health column: `ok`, `-` (no NVML checks: the PCI scan), or each state with
+/// "(not counted)" where it keeps the GPU out of `gpu_count`.
+fn health_cell(g: &crate::inventory::gpu::Gpu) -> String {
+    if g.health.is_none() {
+        return "-".to_string();
+    }
+    let states = g.states();
+    if states.is_empty() {
+        return "ok".to_string();
+    }
+    states
+        .iter()
+        .map(|s| {
+            if s.counted() {
+                s.name().to_string()
+            } else {
+                format!("{} (not counted)", s.name())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The GPU table: one row per GPU.
 fn render_gpus(d: &crate::inventory::Details) -> String {
     let mut s = String::new();
@@ -125,12 +151,12 @@ fn render_gpus(d: &crate::inventory::Details) -> String {
         s.push_str("  none found\n");
     } else {
         s.push_str(&format!(
-            "  {:<3} {:<28} {:>10}  {:<42} {:<14} {}\n",
-            "#", "name", "memory", "uuid", "bus id", "MIG"
+            "  {:<3} {:<28} {:>10}  {:<42} {:<14} {:<4} {}\n",
+            "#", "name", "memory", "uuid", "bus id", "MIG", "health"
         ));
         for g in &d.gpus {
             s.push_str(&format!(
-                "  {:<3} {:<28} {:>10}  {:<42} {:<14} {}\n",
+                "  {:<3} {:<28} {:>10}  {:<42} {:<14} {:<4} {}\n",
                 g.index,
                 g.name,
                 g.memory_bytes.map_or_else(|| "unknown".to_string(), gib),
@@ -140,7 +166,8 @@ fn render_gpus(d: &crate::inventory::Details) -> String {
                     Some(true) => "on",
                     Some(false) => "off",
                     None => "-",
-                }
+                },
+                health_cell(g)
             ));
         }
     }

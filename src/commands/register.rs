@@ -197,7 +197,8 @@ async fn register(
     lock: &crate::state::StateLock,
 ) -> Result<Uuid, Exit> {
     let client = ApiClient::new(&cfg.api).map_err(|e| Exit::config(e.to_string()))?;
-    let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref());
+    let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref())
+        .count_unhealthy_gpus(cfg.inventory.count_unhealthy_gpus);
     let inventory = tokio::task::spawn_blocking(move || collector.collect())
         .await
         .map_err(|e| {

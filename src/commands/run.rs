@@ -17,10 +17,10 @@ impl From<RunError> for Exit {
 }
 
 fn collector(cfg: &Config) -> Arc<dyn Collector> {
-    Arc::new(HostCollector::new(
-        cfg.inventory.gpu,
-        cfg.inventory.nvml_library.as_deref(),
-    ))
+    Arc::new(
+        HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref())
+            .count_unhealthy_gpus(cfg.inventory.count_unhealthy_gpus),
+    )
 }
 
 /// Runs `run`.

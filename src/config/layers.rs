@@ -289,11 +289,17 @@ fn inventory(layers: &mut Layers<'_>, file: FileInventory) -> Result<InventoryCo
         layers.file_or_default("inventory.nvml_library", file.nvml_library.map(Some), None);
     let description =
         layers.file_or_default("inventory.description", file.description.map(Some), None);
+    let count_unhealthy_gpus = layers.file_or_default(
+        "inventory.count_unhealthy_gpus",
+        file.count_unhealthy_gpus,
+        false,
+    );
     Ok(InventoryConfig {
         refresh_interval,
         gpu,
         nvml_library,
         description,
+        count_unhealthy_gpus,
     })
 }
 

@@ -246,6 +246,9 @@ pub struct InventoryConfig {
     /// Sent as `NodePatchRequest.description`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Count GPUs that NVIDIA says cannot take work (reset required, failed row remap, fabric
+    /// not ready) in `gpu_count` anyway.
+    pub count_unhealthy_gpus: bool,
 }
 
 /// `[state]`

@@ -65,8 +65,17 @@ impl Agent {
         if let Err(e) = crate::logging::reconfigure(&cfg.log.level, cfg.log.format) {
             debug!("reload: logging unchanged: {e}");
         }
-        let inv = (&cfg.inventory.gpu, &cfg.inventory.nvml_library);
-        if inv != (&self.cfg.inventory.gpu, &self.cfg.inventory.nvml_library)
+        let inv = (
+            &cfg.inventory.gpu,
+            &cfg.inventory.nvml_library,
+            cfg.inventory.count_unhealthy_gpus,
+        );
+        let was = (
+            &self.cfg.inventory.gpu,
+            &self.cfg.inventory.nvml_library,
+            self.cfg.inventory.count_unhealthy_gpus,
+        );
+        if inv != was
             && let Some(build) = collectors
         {
             info!(gpu = ?cfg.inventory.gpu, "reload: GPU discovery reconfigured");

@@ -63,6 +63,7 @@ pub trait Collector: Send + Sync + 'static {
 pub struct HostCollector {
     root: PathBuf,
     gpu: gpu::GpuProbe,
+    count_unhealthy: bool,
 }
 
 impl HostCollector {
@@ -77,7 +78,16 @@ impl HostCollector {
         Self {
             root: root.to_path_buf(),
             gpu: gpu::GpuProbe::new(gpu_mode, root, nvml_library),
+            count_unhealthy: false,
         }
+    }
+
+    /// Counts every GPU in `gpu_count` whatever its health (`inventory.count_unhealthy_gpus`).
+    #[must_use]
+    pub fn count_unhealthy_gpus(mut self, on: bool) -> Self {
+        self.gpu = self.gpu.count_unhealthy_gpus(on);
+        self.count_unhealthy = on;
+        self
     }
 }
 
@@ -111,7 +121,7 @@ impl Collector for HostCollector {
         } else {
             (disks.iter().map(|d| d.bytes).sum(), "disks")
         };
-        let summary = gpu::summarise(&gpu_report.gpus);
+        let summary = gpu::summarise_with(&gpu_report.gpus, self.count_unhealthy);
         let specs = NodeSpecs {
             hardware: NodeHardware {
                 gpu_count: summary.count,

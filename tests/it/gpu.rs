@@ -84,7 +84,8 @@ fn auto_adds_other_vendors_but_takes_nvidia_from_nvml_only() {
 }
 
 /// A GPU NVML reports lost (GPU_IS_LOST) while it stays on the PCI bus is not counted, and is
-/// named with its bus id and the UUID the last refresh knew.
+/// named with its bus id and the UUID the last refresh knew, with what to do — once, as an
+/// NVML GPU in state gpu_lost (not also as an unusable PCI GPU).
 #[test]
 fn a_lost_gpu_still_on_the_bus_is_not_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,9 +101,11 @@ fn a_lost_gpu_still_on_the_bus_is_not_counted() {
     assert_eq!(inv.specs.hardware.gpu_count, 7);
     let note = inv.details.gpu_notes.join("\n");
     assert!(
-        note.contains("NVIDIA GPU at 0000:5d:00.0 (GPU-f00dfeed-0000-4000-8000-000000000003) is on the PCI bus but NVML cannot use it"),
+        note.contains("GPU 3 (GPU-f00dfeed-0000-4000-8000-000000000003, 0000:5d:00.0): gpu_lost — not counted; reset the GPU (nvidia-smi -r) or reboot"),
         "{note}"
     );
+    assert!(!note.contains("cannot use it"), "{note}");
+    assert_eq!(inv.specs.hardware.gpu_type, "H100 80GB HBM3");
 }
 
 #[test]
@@ -230,7 +233,17 @@ fn a_lost_gpu_is_not_counted() {
     set_fake_nvml(dir.path(), "count=8\nlost_index=5\n");
     let inv = collector.collect();
     assert_eq!(inv.specs.hardware.gpu_count, 7);
-    assert!(!inv.details.gpus.iter().any(|g| g.bus_id == "0000:ab:00.0"));
+    let lost = inv
+        .details
+        .gpus
+        .iter()
+        .find(|g| g.bus_id == "0000:ab:00.0")
+        .unwrap();
+    assert!(!lost.counted());
+    assert_eq!(
+        lost.name, "NVIDIA H100 80GB HBM3",
+        "the name the last refresh knew"
+    );
 }
 
 #[test]
@@ -371,7 +384,7 @@ async fn a_gpu_that_falls_off_the_bus_is_logged_and_the_count_drops() {
     set_fake_nvml(agent.dir.path(), "count=8\nlost_index=5\n");
     agent
         .wait_output(
-            "GPU 5 (NVIDIA H100 80GB HBM3) is gone",
+            "GPU 5 (GPU-f00dfeed-0000-4000-8000-000000000005, 0000:ab:00.0): gpu_lost — not counted; reset the GPU (nvidia-smi -r) or reboot",
             Duration::from_secs(5),
         )
         .await;
@@ -552,14 +565,8 @@ fn a_gpu_without_a_bus_id_is_not_counted_twice() {
     let inv = collect(&fixture_host("h100x8"), GpuMode::Auto, Some(&lib));
     assert_eq!(inv.specs.hardware.gpu_count, 8, "{:?}", inv.details.gpus);
     assert!(inv.details.gpus.iter().all(|g| g.source == "nvml"));
-    assert_eq!(
-        inv.details
-            .gpus
-            .iter()
-            .filter(|g| g.bus_id.is_empty())
-            .count(),
-        1
-    );
+    // It gets the one NVIDIA bus id NVML did not name (NVML enumerates in bus order).
+    assert_eq!(inv.details.gpus[4].bus_id, "0000:9a:00.0");
     assert!(
         !inv.details
             .gpu_notes
@@ -658,4 +665,287 @@ fn fixture_laptop_skips_intel_graphics_integrated_in_the_root_complex() {
         notes.contains("at 0000:00:02.0 is integrated graphics"),
         "{notes}"
     );
+}
+
+// ---- GPU health states (issue 32) ----
+
+/// A stub NVML fixture from tests/fixtures/nvml.
+fn nvml_fixture(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/nvml")
+            .join(format!("{name}.conf")),
+    )
+    .unwrap()
+}
+
+fn states_of(inv: &Inventory) -> Vec<Vec<&'static str>> {
+    inv.details
+        .gpus
+        .iter()
+        .map(|g| g.states().iter().map(|s| s.name()).collect())
+        .collect()
+}
+
+/// HGX H100: a pending row remap keeps the GPU counted (reset when drained), a GPU answering
+/// RESET_REQUIRED is left out — and never turns the node into "NVIDIA GPU", 0 GiB.
+#[test]
+fn health_hgx_h100_pending_remap_counts_and_reset_required_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), &nvml_fixture("hgx-h100"));
+    let inv = collect(&fixture_host("h100x8"), GpuMode::Auto, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!(h.gpu_count, 7);
+    assert_eq!((h.gpu_type.as_str(), h.gpu_memory), ("H100 80GB HBM3", 80));
+    let s = states_of(&inv);
+    assert_eq!(s[2], vec!["row_remap_pending"]);
+    assert_eq!(s[5], vec!["reset_required"]);
+    assert!(
+        s.iter()
+            .enumerate()
+            .all(|(i, s)| i == 2 || i == 5 || s.is_empty())
+    );
+    assert_eq!(
+        inv.details.gpus.len(),
+        8,
+        "the GPU stays listed, named by its bus id"
+    );
+    assert_eq!(inv.details.gpus[5].bus_id, "0000:ab:00.0");
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(
+        notes.contains("GPU 5 (no UUID, 0000:ab:00.0): reset_required — not counted; reset the GPU (nvidia-smi -r) or reboot"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("GPU 2 (GPU-f00dfeed-0000-4000-8000-000000000002, 0000:3a:00.0): row_remap_pending — still counted; reset when drained"),
+        "{notes}"
+    );
+    assert!(
+        !notes.contains("cannot use it"),
+        "not also an unusable PCI GPU: {notes}"
+    );
+    assert_valid("components/requests/node-patch-request.yaml", &body(&inv));
+}
+
+#[test]
+fn health_a100_failed_remap_is_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), &nvml_fixture("a100"));
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 7);
+    assert_eq!(inv.specs.hardware.gpu_type, "A100-SXM4-80GB");
+    assert_eq!(states_of(&inv)[3], vec!["row_remap_failed"]);
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(
+        notes.contains("row_remap_failed — not counted; replace the board"),
+        "{notes}"
+    );
+}
+
+#[test]
+fn health_v100_retired_pages_pending_is_counted_with_an_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), &nvml_fixture("v100"));
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 8);
+    assert_eq!(states_of(&inv)[1], vec!["retired_pages_pending"]);
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(
+        notes.contains("retired_pages_pending — still counted; reset when drained"),
+        "{notes}"
+    );
+}
+
+#[test]
+fn health_gb200_fabric_not_ready_counts_no_gpu_but_keeps_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), &nvml_fixture("gb200"));
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!(h.gpu_count, 0);
+    assert_eq!((h.gpu_type.as_str(), h.gpu_memory), ("GB200", 185));
+    assert!(
+        states_of(&inv)
+            .iter()
+            .all(|s| *s == vec!["fabric_not_ready"])
+    );
+    // The 535 library has only the unversioned call: the same answer through it.
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml_flags("cc", dir.path(), &nvml_fixture("gb200"), &["-DNO_FABRIC_V"]);
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 0);
+    // Completed with an error status: failed, also not counted.
+    set_fake_nvml(dir.path(), "count=4\nfabric_state=3\nfabric_failed=1\n");
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 3);
+    assert_eq!(states_of(&inv)[1], vec!["fabric_failed"]);
+}
+
+/// States are re-decided at every refresh: a GPU comes back by itself when its state clears,
+/// and with every GPU needing a reset the node keeps its model (known from an earlier refresh).
+#[test]
+fn health_states_clear_and_the_gpus_count_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=8\n");
+    let collector = HostCollector::with_root(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(collector.collect().specs.hardware.gpu_count, 8);
+    set_fake_nvml(dir.path(), "count=8\nreset_required=0,1,2,3,4,5,6,7\n");
+    let inv = collector.collect();
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (h.gpu_count, h.gpu_type.as_str(), h.gpu_memory),
+        (0, "H100 80GB HBM3", 80),
+        "not 8x NVIDIA GPU, 0 GiB"
+    );
+    assert_eq!(
+        inv.details.gpus[3].uuid.as_deref(),
+        Some("GPU-f00dfeed-0000-4000-8000-000000000003"),
+        "named as the last refresh knew it"
+    );
+    set_fake_nvml(dir.path(), "count=8\nmig_pending=4\n");
+    let inv = collector.collect();
+    assert_eq!(inv.specs.hardware.gpu_count, 8);
+    assert_eq!(states_of(&inv)[4], vec!["mig_change_pending"]);
+    set_fake_nvml(dir.path(), "count=8\n");
+    assert!(states_of(&collector.collect()).iter().all(Vec::is_empty));
+}
+
+#[test]
+fn health_count_unhealthy_gpus_counts_every_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), &nvml_fixture("hgx-h100"));
+    let inv = HostCollector::with_root(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib))
+        .count_unhealthy_gpus(true)
+        .collect();
+    assert_eq!(inv.specs.hardware.gpu_count, 8);
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(
+        notes.contains("reset_required — counted anyway (inventory.count_unhealthy_gpus)"),
+        "{notes}"
+    );
+}
+
+/// The 470 library has no fabric calls and a pre-Ampere GPU answers NOT_SUPPORTED to the row
+/// remapper: checks not available, every GPU counted.
+#[test]
+fn health_checks_not_available_count_every_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml_flags(
+        "cc",
+        dir.path(),
+        "count=8\nremap_result=3\nretired_result=3\n",
+        &["-DNO_FABRIC"],
+    );
+    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 8);
+    assert!(states_of(&inv).iter().all(Vec::is_empty));
+    assert!(
+        inv.details.gpu_notes.is_empty(),
+        "{:?}",
+        inv.details.gpu_notes
+    );
+}
+
+/// The daemon: the count drops in the heartbeat body, the operator is told what to do once per
+/// change (log, metrics gauge), and the count comes back by itself when the state clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_daemon_drops_a_gpu_needing_reset_and_counts_it_again() {
+    let (api, mut agent) = setup().await;
+    let lib = build_agent_nvml(agent.dir.path(), "count=8\n");
+    let prom = agent.dir.path().join("textfile/exalsius_node_agent.prom");
+    std::fs::create_dir_all(prom.parent().unwrap()).unwrap();
+    agent.write_config(
+        &(nvml_config(&api.url(), &lib, "nvml", Some("100ms"))
+            .replace("level = \"debug\"", "level = \"info\"")
+            + &format!("\n[metrics]\ntextfile = \"{}\"\n", prom.display())),
+    );
+    agent.spawn(&[]);
+    api.wait_requests(1, Duration::from_secs(10)).await;
+    set_fake_nvml(
+        agent.dir.path(),
+        "count=8\nreset_required=5\nremap_pending=2\n",
+    );
+    wait_count(&api, 7).await;
+    let reset = "GPU 5 (GPU-f00dfeed-0000-4000-8000-000000000005, 0000:ab:00.0): reset_required — not counted; reset the GPU (nvidia-smi -r) or reboot";
+    agent.wait_output(reset, Duration::from_secs(5)).await;
+    // The metrics file carries a gauge per GPU and state.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&prom).unwrap_or_default();
+        if text.contains("exalsius_node_agent_gpu_health_state{gpu=\"5\",uuid=\"GPU-f00dfeed-0000-4000-8000-000000000005\",bus_id=\"0000:ab:00.0\",state=\"reset_required\"} 1") {
+            assert!(text.contains("gpu=\"2\",uuid=\"GPU-f00dfeed-0000-4000-8000-000000000002\",bus_id=\"0000:3a:00.0\",state=\"row_remap_pending\"} 1"), "{text}");
+            assert!(text.contains("gpu=\"4\",uuid=\"GPU-f00dfeed-0000-4000-8000-000000000004\",bus_id=\"0000:9a:00.0\",state=\"reset_required\"} 0"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gauge: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several refreshes in the state: still one line each.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    set_fake_nvml(agent.dir.path(), "count=8\n");
+    wait_count(&api, 8).await;
+    agent
+        .wait_output(
+            "reset_required cleared; counted again",
+            Duration::from_secs(5),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.stop();
+    let out = agent.all_output();
+    assert_eq!(out.matches(reset).count(), 1, "{out}");
+    assert_eq!(
+        out.matches("row_remap_pending — still counted; reset when drained")
+            .count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(out.matches("cleared; counted again").count(), 1, "{out}");
+    assert!(!out.contains("cannot name"), "{out}");
+    assert!(!out.contains("NVIDIA GPU"), "{out}");
+}
+
+async fn wait_count(api: &StandIn, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(last) = api.seen().last() {
+            let body: serde_json::Value = serde_json::from_slice(&last.body).unwrap();
+            if body["hardware"]["gpu_count"] == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "count never became {n}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An older library (470: no fabric calls) on GPUs without the newer checks: every GPU
+/// counted, one info line saying which checks this driver offers, no warning at any refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_daemon_with_an_older_library_counts_every_gpu_without_warnings() {
+    let (api, mut agent) = setup().await;
+    let cc = std::env::var("EXALSIUS_TEST_CC").unwrap_or_else(|_| "cc".to_string());
+    let lib = build_fake_nvml_flags(
+        &cc,
+        agent.dir.path(),
+        "count=8\nremap_result=3\n",
+        &["-DNO_FABRIC"],
+    );
+    agent.write_config(
+        &nvml_config(&api.url(), &lib, "nvml", Some("100ms"))
+            .replace("level = \"debug\"", "level = \"info\""),
+    );
+    agent.spawn(&[]);
+    api.wait_requests(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_count(&api, 8).await;
+    agent.stop();
+    let out = agent.all_output();
+    let offered = "GPU health checks this driver offers: retired pages, MIG mode; answered NOT_SUPPORTED (these GPUs have no such state): remapped rows; not in this NVML library: fabric state";
+    assert_eq!(out.matches(offered).count(), 1, "{out}");
+    let gpu_warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("GPU"))
+        .collect();
+    assert!(gpu_warnings.is_empty(), "{out}");
 }

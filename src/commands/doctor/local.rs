@@ -164,7 +164,8 @@ pub fn gpu_check(cfg: &Config) -> Check {
         cfg.inventory.gpu,
         Path::new("/"),
         cfg.inventory.nvml_library.as_deref(),
-    );
+    )
+    .count_unhealthy_gpus(cfg.inventory.count_unhealthy_gpus);
     let report = probe.collect();
     let mut by_source: Vec<String> = Vec::new();
     for source in ["nvml", "pci"] {
@@ -195,6 +196,23 @@ pub fn gpu_check(cfg: &Config) -> Check {
             "gpu",
             format!("{}{driver}{notes}", by_source.join(", ")),
             "NVML is failing: check nvidia-smi and the driver (dmesg for Xid errors)",
+        );
+    }
+    // A GPU with a health state: the finding names it (the notes), the hint says what to do.
+    let mut actions: Vec<String> = Vec::new();
+    for g in &report.gpus {
+        for s in g.states() {
+            let a = format!("GPU {}: {}", g.index, s.action());
+            if !actions.contains(&a) {
+                actions.push(a);
+            }
+        }
+    }
+    if !actions.is_empty() {
+        return Check::warn(
+            "gpu",
+            format!("{}{driver}{notes}", by_source.join(", ")),
+            &actions.join("; "),
         );
     }
     if by_source.is_empty() {

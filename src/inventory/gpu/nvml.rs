@@ -253,20 +253,24 @@ fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
                 continue;
             }
         };
-        let name = match device.name() {
-            Ok(n) => n,
-            Err(NvmlError::GpuLost) => {
-                tracing::warn!(index = i, "GPU {i} has fallen off the bus; not counted");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(index = i, "NVML cannot name GPU {i}: {e}");
-                "NVIDIA GPU".to_string()
-            }
+        // Health checks (super::health): a GPU answering RESET_REQUIRED or GPU_IS_LOST to any
+        // query stays in the list with that state (not counted, named, logged once per change
+        // by the probe), never a nameless "NVIDIA GPU" with 0 GiB.
+        let mut health = super::health::query(nvml, &device);
+        let name = device.name().unwrap_or_else(|e| {
+            health.saw("name", &e);
+            health.name_error = Some(e.to_string());
+            super::FALLBACK_NAME.to_string()
+        });
+        let pci = device
+            .pci_info()
+            .map_err(|e| health.saw("PCI info", &e))
+            .ok();
+        let memory_bytes = match health.name_error {
+            None => memory_total(nvml, &device, pci.as_ref(), &name),
+            Some(_) => None,
         };
-        let pci = device.pci_info().ok();
-        let memory_bytes = memory_total(nvml, &device, pci.as_ref(), &name);
-        let uuid = device.uuid().ok();
+        let uuid = device.uuid().map_err(|e| health.saw("UUID", &e)).ok();
         let bus_id = pci
             .as_ref()
             .map(|p| normalize_bus_id(&p.bus_id))
@@ -286,6 +290,7 @@ fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
             mig_enabled,
             source: "nvml",
             driver: None,
+            health: Some(health),
         });
     }
     Ok(NvmlData {

@@ -283,6 +283,7 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
                 bus_id: f.bus_id,
                 mig_enabled: None,
                 source: "pci",
+                health: None,
                 driver: f.driver,
             })
         })

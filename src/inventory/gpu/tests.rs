@@ -14,6 +14,7 @@ fn gpu(i: u32, vendor: Vendor, name: &str, gib: u64) -> Gpu {
         mig_enabled: None,
         source: "pci",
         driver: None,
+        health: None,
     }
 }
 
