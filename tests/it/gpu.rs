@@ -875,6 +875,21 @@ async fn health_daemon_drops_a_gpu_needing_reset_and_counts_it_again() {
         if text.contains("exalsius_node_agent_gpu_health_state{gpu=\"5\",uuid=\"GPU-f00dfeed-0000-4000-8000-000000000005\",bus_id=\"0000:ab:00.0\",state=\"reset_required\"} 1") {
             assert!(text.contains("gpu=\"2\",uuid=\"GPU-f00dfeed-0000-4000-8000-000000000002\",bus_id=\"0000:3a:00.0\",state=\"row_remap_pending\"} 1"), "{text}");
             assert!(text.contains("gpu=\"4\",uuid=\"GPU-f00dfeed-0000-4000-8000-000000000004\",bus_id=\"0000:9a:00.0\",state=\"reset_required\"} 0"), "{text}");
+            // A real parser (and promtool where installed) reads it: one gauge family.
+            if let Some((samples, types)) = crate::metrics::parse(&prom) {
+                assert_eq!(
+                    types["exalsius_node_agent_gpu_health_state"], "gauge",
+                    "{types:?}"
+                );
+                assert_eq!(
+                    samples
+                        .keys()
+                        .filter(|k| k.starts_with("exalsius_node_agent_gpu_health_state{"))
+                        .count(),
+                    8 * 8,
+                    "every state of every GPU"
+                );
+            }
             break;
         }
         assert!(Instant::now() < deadline, "no gauge: {text}");
@@ -948,4 +963,72 @@ async fn health_daemon_with_an_older_library_counts_every_gpu_without_warnings()
         .filter(|l| l.contains("WARN") && l.contains("GPU"))
         .collect();
     assert!(gpu_warnings.is_empty(), "{out}");
+}
+
+/// Log lines written while `f` runs on this thread.
+fn logs_of(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let b = buf.clone();
+            move || b.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+}
+
+/// "mixed GPU models" and each GPU state are logged once per change, not at every refresh
+/// (NVML's H100s beside the MI300X host's AMD GPUs on the PCI bus).
+#[test]
+fn health_mixed_models_and_states_are_logged_once_per_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "count=2\nremap_pending=1\n");
+    let collector = HostCollector::with_root(&fixture_host("mi300x"), GpuMode::Auto, Some(&lib));
+    let out = logs_of(|| {
+        for _ in 0..3 {
+            collector.collect();
+        }
+    });
+    assert_eq!(out.matches("mixed GPU models").count(), 1, "{out}");
+    assert_eq!(
+        out.matches("row_remap_pending — still counted").count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("GPU health checks this driver offers").count(),
+        1,
+        "{out}"
+    );
+    // A state that clears is logged once; unchanged models are not logged again.
+    set_fake_nvml(dir.path(), "count=2\n");
+    let out = logs_of(|| {
+        for _ in 0..3 {
+            collector.collect();
+        }
+    });
+    assert_eq!(out.matches("row_remap_pending cleared").count(), 1, "{out}");
+    assert_eq!(out.matches("mixed GPU models").count(), 0, "{out}");
+    // Models that change are.
+    set_fake_nvml(dir.path(), "count=1\n");
+    let out = logs_of(|| {
+        for _ in 0..3 {
+            collector.collect();
+        }
+    });
+    assert_eq!(out.matches("mixed GPU models").count(), 1, "{out}");
 }

@@ -36,7 +36,7 @@ fn python() -> Option<&'static str> {
 
 /// The samples of the file as a real parser reads them: "name{labels}" → value, plus the
 /// metric types. `None` (test skipped) only outside CI when no parser is installed.
-fn parse(path: &Path) -> Option<(BTreeMap<String, f64>, BTreeMap<String, String>)> {
+pub(crate) fn parse(path: &Path) -> Option<(BTreeMap<String, f64>, BTreeMap<String, String>)> {
     let Some(py) = python() else {
         assert!(
             std::env::var_os("CI").is_none(),
