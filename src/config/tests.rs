@@ -280,3 +280,25 @@ fn gpu_modes() {
     }
     assert!(err("[inventory]\ngpu = \"cuda\"\n").contains("inventory.gpu"));
 }
+
+#[test]
+fn count_unhealthy_gpus_is_off_unless_the_file_says_true() {
+    let cfg = load("", &[]).unwrap();
+    assert!(!cfg.inventory.count_unhealthy_gpus);
+    assert!(
+        !cfg.origins
+            .iter()
+            .any(|(k, _)| *k == "inventory.count_unhealthy_gpus")
+    );
+    let cfg = load("[inventory]\ncount_unhealthy_gpus = true\n", &[]).unwrap();
+    assert!(cfg.inventory.count_unhealthy_gpus);
+    assert!(
+        cfg.origins
+            .iter()
+            .any(|(k, o)| *k == "inventory.count_unhealthy_gpus" && o.contains("/etc/test.toml")),
+        "{:?}",
+        cfg.origins
+    );
+    let e = err("[inventory]\ncount_unhealthy_gpus = \"yes\"\n");
+    assert!(e.contains("count_unhealthy_gpus"), "{e}");
+}

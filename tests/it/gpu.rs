@@ -1032,3 +1032,41 @@ fn health_mixed_models_and_states_are_logged_once_per_change() {
     });
     assert_eq!(out.matches("mixed GPU models").count(), 1, "{out}");
 }
+
+/// `inventory` shows each GPU's state in its health column; `doctor` warns with the action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_inventory_and_doctor_name_the_state_and_the_action() {
+    let (api, agent) = setup().await;
+    let lib = build_agent_nvml(agent.dir.path(), &nvml_fixture("hgx-h100"));
+    agent.write_config(&nvml_config(&api.url(), &lib, "nvml", None));
+    let out = agent.output(&["inventory"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    let row5 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("5 "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(row5.ends_with("reset_required (not counted)"), "{text}");
+    let row2 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("2 "))
+        .unwrap();
+    assert!(row2.ends_with("row_remap_pending"), "{text}");
+    assert!(text.contains("gpu_count 7"), "{text}");
+    let out = agent.output(&["doctor", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let gpu = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "gpu")
+        .unwrap()
+        .to_string();
+    assert!(gpu.contains("\"warn\""), "{gpu}");
+    assert!(
+        gpu.contains("GPU 5: reset the GPU (nvidia-smi -r) or reboot"),
+        "{gpu}"
+    );
+    assert!(gpu.contains("GPU 2: reset when drained"), "{gpu}");
+}
