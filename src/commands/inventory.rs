@@ -121,8 +121,9 @@ pub fn render_inventory(inv: &Inventory) -> String {
 }
 
 /// The health column: `ok`, `-` (no NVML checks: the PCI scan), or each state with
-/// "(not counted)" where it keeps the GPU out of `gpu_count`.
-fn health_cell(g: &crate::inventory::gpu::Gpu) -> String {
+/// "(not counted)" where it keeps the GPU out of `gpu_count` ("(counted anyway)" with
+/// `inventory.count_unhealthy_gpus`).
+fn health_cell(g: &crate::inventory::gpu::Gpu, count_unhealthy: bool) -> String {
     if g.health.is_none() {
         return "-".to_string();
     }
@@ -135,6 +136,8 @@ fn health_cell(g: &crate::inventory::gpu::Gpu) -> String {
         .map(|s| {
             if s.counted() {
                 s.name().to_string()
+            } else if count_unhealthy {
+                format!("{} (counted anyway)", s.name())
             } else {
                 format!("{} (not counted)", s.name())
             }
@@ -167,7 +170,7 @@ fn render_gpus(d: &crate::inventory::Details) -> String {
                     Some(false) => "off",
                     None => "-",
                 },
-                health_cell(g)
+                health_cell(g, d.count_unhealthy_gpus)
             ));
         }
     }

@@ -34,6 +34,8 @@ pub struct Details {
     pub gpus: Vec<gpu::Gpu>,
     /// Notes on GPU discovery ("NVML: library not found", …).
     pub gpu_notes: Vec<String>,
+    /// `inventory.count_unhealthy_gpus`: GPUs in a not-counted health state are counted.
+    pub count_unhealthy_gpus: bool,
     /// NVML is there but failed in this collection (counted by the metrics).
     #[serde(skip)]
     pub nvml_failed: bool,
@@ -152,6 +154,7 @@ impl Collector for HostCollector {
                 storage_source,
                 gpus: gpu_report.gpus,
                 gpu_notes: gpu_report.notes,
+                count_unhealthy_gpus: self.count_unhealthy,
                 nvml_failed: gpu_report.nvml_failed,
                 device_policy_refused: gpu_report.device_policy_refused,
             },

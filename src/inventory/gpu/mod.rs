@@ -531,7 +531,12 @@ impl GpuProbe {
             .and_then(|l| l.clone())
             .unwrap_or_default();
         for g in gpus.iter_mut() {
-            if g.health.as_ref().is_none_or(|h| h.name_error.is_none()) {
+            // Only GPUs with a RESET_REQUIRED / GPU_IS_LOST answer (their name, UUID or bus id
+            // may be missing): a healthy GPU's own answers always win.
+            if g.health
+                .as_ref()
+                .is_none_or(|h| h.name_error.is_none() && h.fatal.is_empty())
+            {
                 continue;
             }
             let before =
