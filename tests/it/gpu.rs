@@ -802,6 +802,17 @@ fn health_states_clear_and_the_gpus_count_again() {
         Some("GPU-f00dfeed-0000-4000-8000-000000000003"),
         "named as the last refresh knew it"
     );
+    // Lost before NVML gives a handle (Xid 79), or lost on every query: listed, not counted.
+    set_fake_nvml(dir.path(), "count=8\nhandle_lost=6\ngpu_lost=1\n");
+    let inv = collector.collect();
+    assert_eq!(inv.specs.hardware.gpu_count, 6);
+    assert_eq!(inv.specs.hardware.gpu_type, "H100 80GB HBM3");
+    assert_eq!(states_of(&inv)[6], vec!["gpu_lost"]);
+    assert_eq!(states_of(&inv)[1], vec!["gpu_lost"]);
+    assert_eq!(
+        inv.details.gpus[6].bus_id, "0000:ba:00.0",
+        "known from the last refresh"
+    );
     set_fake_nvml(dir.path(), "count=8\nmig_pending=4\n");
     let inv = collector.collect();
     assert_eq!(inv.specs.hardware.gpu_count, 8);

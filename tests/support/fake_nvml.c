@@ -31,6 +31,8 @@
  * before R510); with -DNO_MEMORY_V1, not nvmlDeviceGetMemoryInfo.
  *
  * GPU health (issue 32; the block "GPU health states" below). Lists are GPU indices, "1,3":
+ *   handle_lost=6          nvmlDeviceGetHandleByIndex_v2 answers NVML_ERROR_GPU_IS_LOST for GPU 6
+ *                          ("Unable to determine the device handle for GPU …: GPU is lost")
  *   reset_required=4       every per-device query of GPU 4 answers NVML_ERROR_RESET_REQUIRED (16)
  *   gpu_lost=5             every per-device query of GPU 5 answers NVML_ERROR_GPU_IS_LOST (15)
  *   remap_pending=1        nvmlDeviceGetRemappedRows: isPending=1
@@ -114,7 +116,7 @@ static const unsigned buses[] = {0x18, 0x2a, 0x3a, 0x5d, 0x9a, 0xab, 0xba, 0xdb}
 
 /* ---- GPU health states (issue 32): configuration ---- */
 static struct {
-    unsigned long long reset_required, gpu_lost, remap_pending, remap_failed, retired_pending,
+    unsigned long long handle_lost, reset_required, gpu_lost, remap_pending, remap_failed, retired_pending,
         mig_pending, fabric_not_ready, fabric_failed;
     int remap_result, retired_result, fabric_result;
     unsigned fabric_state;
@@ -136,7 +138,8 @@ static void health_defaults(void) { memset(&health, 0, sizeof health); }
 
 /* 1: the key was a health key. */
 static int health_config(const char *k, const char *v) {
-    if (!strcmp(k, "reset_required")) health.reset_required = index_list(v);
+    if (!strcmp(k, "handle_lost")) health.handle_lost = index_list(v);
+    else if (!strcmp(k, "reset_required")) health.reset_required = index_list(v);
     else if (!strcmp(k, "gpu_lost")) health.gpu_lost = index_list(v);
     else if (!strcmp(k, "remap_pending")) health.remap_pending = index_list(v);
     else if (!strcmp(k, "remap_failed")) health.remap_failed = index_list(v);
@@ -287,6 +290,7 @@ nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
 
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
     if (!device || index >= cfg.count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (in_list(health.handle_lost, (int)index)) return NVML_ERROR_GPU_IS_LOST; /* health */
     *device = (nvmlDevice_t)(uintptr_t)(index + 1);
     return NVML_SUCCESS;
 }

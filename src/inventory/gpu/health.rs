@@ -317,6 +317,33 @@ fn fatal_state<T>(a: &Answer<T>) -> Option<GpuState> {
     }
 }
 
+/// A GPU NVML lists but gives no handle for, because it answered RESET_REQUIRED or
+/// GPU_IS_LOST: every check carries that answer (so it is not counted); name, memory, UUID and
+/// bus id are unknown here (the probe fills them from an earlier refresh or the PCI scan).
+pub fn without_handle(index: u32, e: &NvmlError) -> super::Gpu {
+    let mut raw = RawChecks {
+        remapped_rows: Answer::from_error(e),
+        retired_pages_pending: Answer::from_error(e),
+        mig_mode: Answer::from_error(e),
+        fabric: Answer::from_error(e),
+        fatal: Vec::new(),
+        name_error: Some(e.to_string()),
+    };
+    raw.saw("handle", e);
+    super::Gpu {
+        index,
+        vendor: super::Vendor::Nvidia,
+        name: super::FALLBACK_NAME.to_string(),
+        memory_bytes: None,
+        uuid: None,
+        bus_id: String::new(),
+        mig_enabled: None,
+        source: "nvml",
+        driver: None,
+        health: Some(raw),
+    }
+}
+
 /// Asks NVML the health questions for one device. Blocking, as every NVML call; the caller
 /// runs it under the NVML timeout with the rest of the per-GPU queries.
 pub fn query(nvml: &Nvml, device: &Device) -> RawChecks {

@@ -248,6 +248,12 @@ fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
     for i in 0..count {
         let device = match nvml.device_by_index(i) {
             Ok(d) => d,
+            // "Unable to determine the device handle for GPU …: GPU is lost": listed, not
+            // counted, named once per change (super::health).
+            Err(e @ (NvmlError::GpuLost | NvmlError::ResetRequired)) => {
+                gpus.push(super::health::without_handle(i, &e));
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(index = i, "NVML cannot open GPU {i}: {e}; not counted");
                 continue;
