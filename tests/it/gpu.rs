@@ -1081,3 +1081,29 @@ async fn health_inventory_and_doctor_name_the_state_and_the_action() {
     );
     assert!(gpu.contains("GPU 2: reset when drained"), "{gpu}");
 }
+
+/// Every GPU needs a reset from the first refresh on (nothing known from earlier): the PCI scan
+/// names them, so the node is "0x A100-SXM4-80GB", 80 GiB — never "NVIDIA GPU", 0 GiB.
+#[test]
+fn health_all_gpus_needing_a_reset_from_the_start_keep_the_model_from_the_pci_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(
+        dir.path(),
+        &(nvml_fixture("a100").replace("remap_failed=3", "") + "reset_required=0,1,2,3,4,5,6,7\n"),
+    );
+    let inv = collect(&fixture_host("a100x8"), GpuMode::Auto, Some(&lib));
+    let h = &inv.specs.hardware;
+    assert_eq!(
+        (h.gpu_count, h.gpu_type.as_str(), h.gpu_memory),
+        (0, "A100-SXM4-80GB", 80),
+        "{:?}",
+        inv.details.gpus
+    );
+    assert!(
+        inv.details
+            .gpus
+            .iter()
+            .all(|g| g.source == "nvml" && !g.bus_id.is_empty())
+    );
+    assert!(states_of(&inv).iter().all(|s| *s == vec!["reset_required"]));
+}

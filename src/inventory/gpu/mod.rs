@@ -409,6 +409,12 @@ impl GpuProbe {
                         .find(|n| n.source == "nvml" && n.bus_id.is_empty())
                     {
                         n.bus_id.clone_from(&g.bus_id);
+                        // One NVML cannot name (it needs a reset) gets the PCI scan's name,
+                        // the same as NVML's for the parts in the device table.
+                        if n.name == FALLBACK_NAME {
+                            n.name.clone_from(&g.name);
+                            n.memory_bytes = n.memory_bytes.or(g.memory_bytes);
+                        }
                     }
                 } else {
                     unusable.push(g.bus_id);
