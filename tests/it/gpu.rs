@@ -1107,3 +1107,26 @@ fn health_all_gpus_needing_a_reset_from_the_start_keep_the_model_from_the_pci_sc
     );
     assert!(states_of(&inv).iter().all(|s| *s == vec!["reset_required"]));
 }
+
+/// `inventory.count_unhealthy_gpus` through SIGHUP: the GPU needing a reset counts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_sighup_applies_count_unhealthy_gpus() {
+    let (api, mut agent) = setup().await;
+    let lib = build_agent_nvml(agent.dir.path(), &nvml_fixture("hgx-h100"));
+    let text = nvml_config(&api.url(), &lib, "nvml", Some("100ms"));
+    agent.write_config(&text);
+    agent.spawn(&[]);
+    wait_count(&api, 7).await;
+    agent.write_config(&text.replace(
+        "[inventory]\n",
+        "[inventory]\ncount_unhealthy_gpus = true\n",
+    ));
+    agent.signal("HUP");
+    wait_count(&api, 8).await;
+    agent.stop();
+    let out = agent.all_output();
+    assert!(
+        out.contains("reset_required — counted anyway (inventory.count_unhealthy_gpus)"),
+        "{out}"
+    );
+}
