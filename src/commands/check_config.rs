@@ -24,7 +24,7 @@ pub fn run(overrides: &Overrides) -> Result<(), Exit> {
     if !cfg.origins.is_empty() {
         println!("# where the values came from (the others are defaults):");
         for (key, origin) in &cfg.origins {
-            println!("#   {key:<28} {origin}");
+            println!("#   {key:<30} {origin}");
         }
     }
     print!("{}", cfg.to_redacted_toml());
