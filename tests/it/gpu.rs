@@ -187,6 +187,55 @@ fn nvml_without_permission_says_what_to_do_and_recovers() {
     assert_eq!(collector.collect().specs.hardware.gpu_count, 8);
 }
 
+/// Item 4 of issue 30: the test above must not see the host's `/dev/nvidiactl`. Run again in a
+/// private mount namespace whose `/dev` has one (mode 0666, as every NVIDIA driver makes it);
+/// the NO_PERMISSION diagnosis must still read the fixture root's `dev/`, not the host's.
+/// Needs root (unshare, mount, mknod); says so and passes without it.
+#[test]
+fn nvml_permission_diagnosis_reads_the_fixture_root_not_the_hosts_dev() {
+    // Root, from /proc/self/status's Uid line (no unsafe getuid in the tests).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        eprintln!("SKIPPED: needs root for a private mount namespace with a /dev/nvidiactl");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let old = tempfile::tempdir().unwrap();
+    // A tmpfs /dev with the usual nodes bound in, and a world-accessible nvidiactl.
+    let script = r#"set -e
+mount --make-rprivate /
+mount --rbind /dev "$1"
+mount -t tmpfs -o mode=755 tmpfs /dev
+for n in null zero full random urandom tty; do
+  touch /dev/$n; mount --bind "$1/$n" /dev/$n
+done
+ln -s /proc/self/fd /dev/fd
+mknod -m 666 /dev/nvidiactl c 195 255
+shift
+exec "$@""#;
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", script, "sh"])
+        .arg(old.path())
+        .arg(&exe)
+        .args([
+            "--exact",
+            "gpu::nvml_without_permission_says_what_to_do_and_recovers",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "with a host /dev/nvidiactl:\n{text}");
+    assert!(text.contains("1 passed"), "the test did not run:\n{text}");
+}
+
 #[test]
 fn blocking_nvml_is_abandoned_and_the_last_good_data_reported() {
     let dir = tempfile::tempdir().unwrap();

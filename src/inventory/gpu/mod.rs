@@ -176,7 +176,7 @@ impl GpuProbe {
         Self {
             mode,
             root: root.to_path_buf(),
-            nvml: NvmlProbe::new(nvml_library),
+            nvml: NvmlProbe::new(nvml_library, root),
             last_nvml: Mutex::new(None),
             last_seen: Mutex::new(None),
             last_error: Mutex::new(None),

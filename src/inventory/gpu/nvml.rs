@@ -66,15 +66,19 @@ pub enum NvmlOutcome {
 #[derive(Debug)]
 pub struct NvmlProbe {
     library: OsString,
+    /// The collector's root: the device nodes the diagnosis looks at are under it.
+    root: std::path::PathBuf,
     handle: Arc<Mutex<Option<Nvml>>>,
     missing_reported: AtomicBool,
 }
 
 impl NvmlProbe {
-    /// A probe loading `library` (default [`DEFAULT_LIBRARY`]); nothing is loaded yet.
-    pub fn new(library: Option<&std::path::Path>) -> Self {
+    /// A probe loading `library` (default [`DEFAULT_LIBRARY`]), diagnosing against the device
+    /// nodes under `root`; nothing is loaded yet.
+    pub fn new(library: Option<&std::path::Path>, root: &std::path::Path) -> Self {
         Self {
             library: library.map_or_else(|| OsString::from(DEFAULT_LIBRARY), |p| p.into()),
+            root: root.to_path_buf(),
             handle: Arc::new(Mutex::new(None)),
             missing_reported: AtomicBool::new(false),
         }
@@ -89,11 +93,12 @@ impl NvmlProbe {
     pub fn query(&self, timeout: Duration) -> NvmlOutcome {
         let handle = Arc::clone(&self.handle);
         let library = self.library.clone();
+        let root = self.root.clone();
         let (tx, rx) = mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("nvml".into())
             .spawn(move || {
-                let _ = tx.send(query_locked(&handle, &library));
+                let _ = tx.send(query_locked(&handle, &library, &root));
             });
         if let Err(e) = spawned {
             return NvmlOutcome::Failed(format!("cannot start the NVML thread: {e}"));
@@ -108,7 +113,11 @@ impl NvmlProbe {
     }
 }
 
-fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome {
+fn query_locked(
+    handle: &Mutex<Option<Nvml>>,
+    library: &OsString,
+    root: &std::path::Path,
+) -> NvmlOutcome {
     let mut guard = match handle.try_lock() {
         Ok(g) => g,
         Err(TryLockError::WouldBlock) => return NvmlOutcome::Busy,
@@ -124,8 +133,7 @@ fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome
                 ));
             }
             Err(e @ NvmlError::NoPermission) => {
-                let ctl = std::path::Path::new(CONTROL_NODE);
-                let node = std::fs::metadata(ctl).ok().map(|m| {
+                let node = std::fs::metadata(control_node(root)).ok().map(|m| {
                     use std::os::unix::fs::MetadataExt;
                     (m.mode(), m.uid(), m.gid())
                 });
@@ -155,6 +163,11 @@ fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome
 
 /// The node every NVML process opens first.
 const CONTROL_NODE: &str = "/dev/nvidiactl";
+
+/// [`CONTROL_NODE`] under the collector's root (a fixture tree in tests: never the host's).
+fn control_node(root: &std::path::Path) -> std::path::PathBuf {
+    root.join(CONTROL_NODE.trim_start_matches('/'))
+}
 
 /// What to do about NVML's "insufficient permissions", from what `/dev/nvidiactl` looks like
 /// (mode, owner, group; `None`: not there). Three different causes need three different fixes.
@@ -308,7 +321,10 @@ mod tests {
 
     #[test]
     fn missing_library_is_no_library() {
-        let p = NvmlProbe::new(Some(std::path::Path::new("/nonexistent/libnvidia-ml.so.1")));
+        let p = NvmlProbe::new(
+            Some(std::path::Path::new("/nonexistent/libnvidia-ml.so.1")),
+            std::path::Path::new("/"),
+        );
         assert!(matches!(p.query(NVML_TIMEOUT), NvmlOutcome::NoLibrary(_)));
         assert!(p.first_missing());
         assert!(!p.first_missing());
