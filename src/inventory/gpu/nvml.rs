@@ -83,6 +83,16 @@ pub fn answer(library: &OsStr) -> Answer {
         Err(e @ NvmlError::NoPermission) => {
             return Answer::NoPermission(format!("NVML init failed: {e}"));
         }
+        // Seen from the real 470/535/550 libraries when /dev/nvidiactl opens but is not the
+        // NVIDIA driver's (tests/it/nvml_real.rs): name what to look at.
+        Err(e @ NvmlError::Unknown) => {
+            return Answer::Failed(format!(
+                "NVML init failed: {e} (NVML_ERROR_UNKNOWN): /dev/nvidiactl opens but the NVIDIA \
+                 driver does not answer on it — check that it is the driver's node (character \
+                 device 195:255) and that the loaded module matches the library (nvidia-smi \
+                 shows the same error)"
+            ));
+        }
         Err(e) => return Answer::Failed(format!("NVML init failed: {e}")),
     };
     match read(&nvml) {
