@@ -8,9 +8,9 @@
 //! block for minutes in the driver. In a child, its memory lives only for the probe's life, a
 //! crash or a hang is the child's, and the daemon keeps heartbeating with the last good data.
 //!
-//! The child is `/proc/self/exe`: the very image the daemon runs, even after a package upgrade
-//! replaced the file, so parent and child always speak the same JSON; it inherits the unit's
-//! sandbox. It dies with the thread that started it (`PR_SET_PDEATHSIG`), is killed at the
+//! The child is this binary (its path, or `/proc/self/exe` once a package upgrade replaced the
+//! file: the very image the daemon runs, so parent and child speak the same JSON); it inherits
+//! the unit's sandbox. It dies with the thread that started it (`PR_SET_PDEATHSIG`), is killed at the
 //! probe timeout and reaped, and is killed at exit with the other probe children.
 #![allow(unsafe_code)]
 
@@ -45,10 +45,17 @@ pub fn set_program(program: &Path) {
     let _ = PROGRAM.set(program.to_path_buf());
 }
 
+/// This binary: its path while that still names it (so qemu-user with binfmt_misc, which
+/// fakes `/proc/self/exe`'s link but not the exec through it, runs the guest binary), else
+/// `/proc/self/exe` — after a package upgrade replaced the file the link reads
+/// "… (deleted)", and the image the daemon runs is still there to start.
 fn program() -> PathBuf {
-    PROGRAM
-        .get()
-        .cloned()
+    if let Some(p) = PROGRAM.get() {
+        return p.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .filter(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
 }
 
