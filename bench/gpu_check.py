@@ -223,6 +223,23 @@ def daemon(args, cfg, seconds, stop_after=None):
     return hwm, ms, proc.returncode, took
 
 
+def probe_child(args, runs=5):
+    """The NVML probe child alone (`nvml-probe`, what every refresh starts): medians of its
+    peak RSS (KiB), CPU ms and wall ms, each in a fresh Python so ru_maxrss is its own."""
+    code = ("import resource,subprocess,sys,time;t=time.monotonic();"
+            "r=subprocess.run(sys.argv[1:],capture_output=True);w=(time.monotonic()-t)*1000;"
+            "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+            "print(u.ru_maxrss,(u.ru_utime+u.ru_stime)*1000,w);sys.stdout.write(r.stdout.decode()[:200])")
+    cmd = [args.bin, "nvml-probe"] + (["--library", args.lib] if args.lib else [])
+    rows, answer = [], ""
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", code] + cmd, capture_output=True, text=True).stdout
+        first, _, answer = out.partition("\n")
+        rows.append([float(x) for x in first.split()])
+    med = lambda i: statistics.median(r[i] for r in rows)
+    return med(0), med(1), med(2), answer
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -272,7 +289,16 @@ def main():
     say(f"| peak RSS, gpu = \"nvml\" | {hwm_nvml} KiB |")
     say(f"| peak RSS, gpu = \"off\" | {hwm_off} KiB |")
     if hwm_off:
-        say(f"| NVML's cost | {hwm_nvml - hwm_off} KiB ({hwm_nvml / hwm_off:.2f}×) |")
+        say(f"| NVML's cost to the daemon | {hwm_nvml - hwm_off} KiB ({hwm_nvml / hwm_off:.2f}×) |")
+        if hwm_nvml > 1.2 * hwm_off:
+            fail(f"the daemon's peak RSS with NVML is {hwm_nvml / hwm_off:.2f}× gpu = off (want ≤ 1.2×: "
+                 "the vendor library belongs in the probe child)")
+    rss, cpu, wall, answer = probe_child(args)
+    say(f"| one NVML probe child (init + all GPUs), median of 5: peak RSS | {rss:.0f} KiB |")
+    say(f"| … CPU | {cpu:.1f} ms |")
+    say(f"| … wall | {wall:.1f} ms |")
+    if not answer.startswith('{"data"'):
+        fail(f"the NVML probe child did not answer with data: {answer[:120]}")
     if ms:
         # A refresh is the whole collection (CPU, disks, versions, GPUs); gpu = "off" beside
         # it shows what NVML adds.
