@@ -46,7 +46,7 @@ fetch() {
       -o Dir::State::status=/dev/null -o APT::Architecture="$arch" "$@"
   }
   apt update
-  rm -rf "$cache/$name"
+  rm -rf "${cache:?}/${name:?}"
   mkdir -p "$cache/$name"
   (cd "$d/debs" && apt download "$@")
   for deb in "$d"/debs/*.deb; do
