@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """What the resident memory of `run` is made of (issue 22): python3 bench/footprint.py [RUNS]
 
-Builds the release agent, the same agent without the hot-text ordering (EXALSIUS_NO_HOT_TEXT=1,
-in target/unordered: what the ordering buys) and the floor (examples/floor.rs), serves
+Builds the release agent and the floor (examples/floor.rs), serves
 PATCH /node/{id} on loopback, and runs each RUNS times (default 5) for ~150 heartbeats at 50 ms:
 
 - the agent with EXALSIUS_FOOTPRINT_MARKS (src/footprint.rs): resident memory after each phase
@@ -10,8 +9,8 @@ PATCH /node/{id} on loopback, and runs each RUNS times (default 5) for ~150 hear
   that phase cost (the first phase to touch shared code, std's formatting say, pays for it);
 - agent and floor: resident memory by mapping (the binary, libc, heap, the rest) from
   /proc/PID/smaps;
-- the binary's resident pages by section (present bits of /proc/PID/pagemap): what of .text.hot,
-  .text, .rodata, the relocations is mapped;
+- the binary's resident pages by section (present bits of /proc/PID/pagemap): what of .text,
+  .rodata, the relocations is mapped;
 - the binary's sections (`size -A`) and, when cargo-bloat is installed, .text by crate.
 
 Writes bench/results/footprint.md (medians) and prints it.
@@ -202,16 +201,18 @@ def run_daemon_as_nobody(url, work, exe, gpu, library):
 
 
 def probe_cost(exe, library):
-    """One probe child as nobody: (peak RSS KiB, CPU ms, wall ms)."""
+    """One probe child as nobody: (peak RSS KiB, CPU ms, wall ms). The peak comes from GNU
+    time: a process's peak includes what it had before exec (Python's own ~20 MiB, were it
+    forked from here), and time's is ~1.5 MiB."""
     import resource
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.monotonic()
-    subprocess.run(NOBODY + [exe, "nvml-probe", "--library", library],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    r = subprocess.run(["/usr/bin/time", "-f", "%M"] + NOBODY + [exe, "nvml-probe", "--library", library],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     wall = (time.monotonic() - t) * 1000
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000
-    return after.ru_maxrss, cpu, wall
+    return int(r.stderr.strip().splitlines()[-1]), cpu, wall
 
 
 def gpu_hosts(runs, agent=None):
@@ -243,11 +244,7 @@ def gpu_hosts(runs, agent=None):
     costs = {}
     for name, lib in [("stub (8 GPUs)", stub), ("535", libs["535"]), ("550", libs["550"])]:
         probe_cost(agent, lib)  # warm the page cache
-        # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: one fresh process each.
-        samples = [subprocess.run([sys.executable, __file__, "--probe-cost", agent, lib],
-                                  capture_output=True, text=True, check=True).stdout.split()
-                   for _ in range(max(runs, 5))]
-        costs[name] = [[float(x) for x in s] for s in samples]
+        costs[name] = [probe_cost(agent, lib) for _ in range(max(runs, 5))]
     shutil.rmtree(work, ignore_errors=True)
     med = lambda xs: statistics.median(xs)
     off = med(rows["off"])
@@ -290,19 +287,14 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent"],
                    cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--locked", "--example", "floor"], cwd=ROOT, check=True)
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent"],
-                   cwd=ROOT, check=True, env=dict(os.environ, EXALSIUS_NO_HOT_TEXT="1",
-                                                  CARGO_TARGET_DIR=os.path.join(ROOT, "target/unordered")))
     agent = os.path.join(ROOT, "target/release/exalsius-node-agent")
-    unordered = os.path.join(ROOT, "target/unordered/release/exalsius-node-agent")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     work = tempfile.mkdtemp()
-    agent_runs, unordered_runs, floor_runs = [], [], []
-    for _ in range(RUNS):  # side by side: agent, unordered, floor, agent, …
+    agent_runs, floor_runs = [], []
+    for _ in range(RUNS):  # side by side: agent, floor, agent, …
         agent_runs.append(run_agent(url, work, agent))
-        unordered_runs.append(run_agent(url, work, unordered))
         floor_runs.append(run_floor(url))
     shutil.rmtree(work, ignore_errors=True)
 
@@ -311,8 +303,7 @@ def main():
              "",
              f"`python3 bench/footprint.py` — {RUNS} runs each, agent and floor alternating, "
              "medians in KiB; ~150 heartbeats at 50 ms against a loopback API, `gpu = \"auto\"` "
-             "(no NVIDIA driver on the machine that ran it). *Agent*: the release build; "
-             "*unordered*: the same without the hot-text linker script (EXALSIUS_NO_HOT_TEXT=1).",
+             "(no NVIDIA driver on the machine that ran it). *Agent*: the release build.",
              "",
              "## The agent's start-up, phase by phase (src/footprint.rs marks)",
              "",
@@ -328,28 +319,24 @@ def main():
         lines.append(f"| {name} | {rss} | {growth} | {anon} | {file} |")
         prev = rss
     lines += ["", "## By mapping, after ~150 heartbeats", "",
-              "| mapping | agent | unordered | floor | agent − floor |", "|---|---|---|---|---|"]
+              "| mapping | agent | floor | agent − floor |", "|---|---|---|---|"]
     for key in ["binary", "libc", "heap", "rest", "RssAnon", "RssFile", "VmHWM"]:
         a = med([r[1][key] for r in agent_runs])
-        u = med([r[1][key] for r in unordered_runs])
         f = med([r[key] for r in floor_runs])
-        lines.append(f"| {key} | {a} | {u} | {f} | {a - f:+d} |")
+        lines.append(f"| {key} | {a} | {f} | {a - f:+d} |")
     a = med([r[1]["VmHWM"] for r in agent_runs])
-    u = med([r[1]["VmHWM"] for r in unordered_runs])
     f = med([r["VmHWM"] for r in floor_runs])
-    lines += ["", f"Peak RSS ratio (medians): **{a / f:.2f}×** the floor "
-              f"(unordered: {u / f:.2f}×). Each run's peak: agent "
-              f"{[r[1]['VmHWM'] for r in agent_runs]}, unordered "
-              f"{[r[1]['VmHWM'] for r in unordered_runs]}, floor {[r['VmHWM'] for r in floor_runs]}.",
+    lines += ["", f"Peak RSS ratio (medians): **{a / f:.2f}×** the floor. Each run's peak: agent "
+              f"{[r[1]['VmHWM'] for r in agent_runs]}, floor {[r['VmHWM'] for r in floor_runs]}.",
               "", "## The agent binary's resident pages by section, after ~150 heartbeats", "",
-              "| section | agent: resident / size | unordered: resident / size |", "|---|---|---|"]
-    names = sorted({n for r in agent_runs + unordered_runs for n in r[1]["sections"]},
-                   key=lambda n: -max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs + unordered_runs))
+              "| section | agent: resident / size |", "|---|---|"]
+    names = sorted({n for r in agent_runs for n in r[1]["sections"]},
+                   key=lambda n: -max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs))
     cell = lambda runs, n: (f"{med([r[1]['sections'][n][0] for r in runs])} / "
                             f"{runs[0][1]['sections'][n][1]}" if n in runs[0][1]["sections"] else "–")
     for n in names:
-        if max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs + unordered_runs) >= 16:
-            lines.append(f"| {n} | {cell(agent_runs, n)} | {cell(unordered_runs, n)} |")
+        if max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs) >= 16:
+            lines.append(f"| {n} | {cell(agent_runs, n)} |")
     lines.append("")
 
     size = subprocess.run(["size", "-A", os.path.join(ROOT, "target/release/exalsius-node-agent")],
@@ -360,15 +347,12 @@ def main():
                         if l.startswith(".") and len(l.split()) == 3}
     s, fs = sec(size), sec(fsize)
     lines += ["## The binary's sections (bytes)", "", "| section | agent | floor |", "|---|---|---|"]
-    for k in [".text.hot", ".text", ".rodata", ".rela.dyn", ".data.rel.ro", ".eh_frame", ".gcc_except_table"]:
+    for k in [".text", ".rodata", ".rela.dyn", ".data.rel.ro", ".eh_frame", ".gcc_except_table"]:
         lines.append(f"| {k} | {s.get(k, 0)} | {fs.get(k, 0)} |")
     if shutil.which("cargo-bloat"):
-        # cargo bloat reads .text only: measure the unordered build, whose code is all there.
         bloat = subprocess.run(["cargo", "bloat", "--release", "--crates", "--bin",
                                 "exalsius-node-agent", "-n", "25"], cwd=ROOT,
-                               capture_output=True, text=True,
-                               env=dict(os.environ, EXALSIUS_NO_HOT_TEXT="1",
-                                        CARGO_TARGET_DIR=os.path.join(ROOT, "target/unordered"))).stdout
+                               capture_output=True, text=True).stdout
         lines += ["", "## .text by crate (`cargo bloat --release --crates`)", "", "```",
                   bloat.strip(), "```"]
     text = "\n".join(lines) + "\n"
@@ -379,9 +363,7 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--probe-cost":
-        print(*probe_cost(sys.argv[2], sys.argv[3]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--gpu-hosts":
+    if len(sys.argv) > 1 and sys.argv[1] == "--gpu-hosts":
         gpu_hosts(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     else:
         main()

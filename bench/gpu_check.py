@@ -225,17 +225,20 @@ def daemon(args, cfg, seconds, stop_after=None):
 
 def probe_child(args, runs=5):
     """The NVML probe child alone (`nvml-probe`, what every refresh starts): medians of its
-    peak RSS (KiB), CPU ms and wall ms, each in a fresh Python so ru_maxrss is its own."""
-    code = ("import resource,subprocess,sys,time;t=time.monotonic();"
-            "r=subprocess.run(sys.argv[1:],capture_output=True);w=(time.monotonic()-t)*1000;"
-            "u=resource.getrusage(resource.RUSAGE_CHILDREN);"
-            "print(u.ru_maxrss,(u.ru_utime+u.ru_stime)*1000,w);sys.stdout.write(r.stdout.decode()[:200])")
-    cmd = [args.bin, "nvml-probe"] + (["--library", args.lib] if args.lib else [])
+    peak RSS (KiB, from GNU time: a child forked from Python would count Python's pages), CPU
+    ms and wall ms, and its answer."""
+    import resource
+    cmd = ["/usr/bin/time", "-f", "%M", args.bin, "nvml-probe"] + (["--library", args.lib] if args.lib else [])
     rows, answer = [], ""
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", code] + cmd, capture_output=True, text=True).stdout
-        first, _, answer = out.partition("\n")
-        rows.append([float(x) for x in first.split()])
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = (time.monotonic() - t) * 1000
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000
+        rows.append((int(r.stderr.strip().splitlines()[-1]), cpu, wall))
+        answer = r.stdout
     med = lambda i: statistics.median(r[i] for r in rows)
     return med(0), med(1), med(2), answer
 
