@@ -439,6 +439,35 @@ async fn daemon_survives_a_segfault_inside_nvml_with_the_last_good_data() {
     assert!(status.success(), "{}", agent.all_output());
 }
 
+/// A daemon killed with SIGKILL (no exit path runs) takes its NVML probe child with it
+/// (PR_SET_PDEATHSIG): a probe stuck in the driver never outlives the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_takes_its_stuck_nvml_probe_with_it() {
+    let (api, mut agent) = setup().await;
+    let lib = build_agent_nvml(agent.dir.path(), "count=8\nblock_secs=60\n");
+    agent.write_config(&nvml_config(&api.url(), &lib, "auto", None));
+    agent.spawn(&[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processes_naming(&lib).is_empty() {
+        assert!(Instant::now() < deadline, "no NVML probe child started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = processes_naming(&lib);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the probe outlived the killed daemon: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_heartbeats_when_the_driver_is_not_loaded() {
     let (api, mut agent) = setup().await;
