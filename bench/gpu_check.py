@@ -267,6 +267,26 @@ def daemon(args, cfg, seconds, stop_after=None):
     return hwm, ms, proc.returncode, took
 
 
+def probe_child(args, runs=5):
+    """The NVML probe child alone (`nvml-probe`, what every refresh starts): medians of its
+    peak RSS (KiB, from GNU time: a child forked from Python would count Python's pages), CPU
+    ms and wall ms, and its answer."""
+    import resource
+    cmd = ["/usr/bin/time", "-f", "%M", args.bin, "nvml-probe"] + (["--library", args.lib] if args.lib else [])
+    rows, answer = [], ""
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = (time.monotonic() - t) * 1000
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000
+        rows.append((int(r.stderr.strip().splitlines()[-1]), cpu, wall))
+        answer = r.stdout
+    med = lambda i: statistics.median(r[i] for r in rows)
+    return med(0), med(1), med(2), answer
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -318,7 +338,16 @@ def main():
     say(f"| peak RSS, gpu = \"nvml\" | {hwm_nvml} KiB |")
     say(f"| peak RSS, gpu = \"off\" | {hwm_off} KiB |")
     if hwm_off:
-        say(f"| NVML's cost | {hwm_nvml - hwm_off} KiB ({hwm_nvml / hwm_off:.2f}×) |")
+        say(f"| NVML's cost to the daemon | {hwm_nvml - hwm_off} KiB ({hwm_nvml / hwm_off:.2f}×) |")
+        if hwm_nvml > 1.2 * hwm_off:
+            fail(f"the daemon's peak RSS with NVML is {hwm_nvml / hwm_off:.2f}× gpu = off (want ≤ 1.2×: "
+                 "the vendor library belongs in the probe child)")
+    rss, cpu, wall, answer = probe_child(args)
+    say(f"| one NVML probe child (init + all GPUs), median of 5: peak RSS | {rss:.0f} KiB |")
+    say(f"| … CPU | {cpu:.1f} ms |")
+    say(f"| … wall | {wall:.1f} ms |")
+    if not answer.startswith('{"data"'):
+        fail(f"the NVML probe child did not answer with data: {answer[:120]}")
     if ms:
         # A refresh is the whole collection (CPU, disks, versions, GPUs); gpu = "off" beside
         # it shows what NVML adds.

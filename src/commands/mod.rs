@@ -66,6 +66,9 @@ pub fn main(cli: Cli) -> u8 {
         Command::Register(args) => register::run(&overrides, &args),
         Command::ImportLegacy(args) => import_legacy::run(&overrides, &args),
         Command::Doctor(args) => doctor::run(&overrides, &args),
+        Command::NvmlProbe(args) => {
+            return crate::inventory::gpu::probe::child_main(args.library.as_deref());
+        }
     })
 }
 

@@ -16,6 +16,7 @@ mod gpu;
 mod import_legacy;
 mod metrics;
 mod notify;
+mod nvml_real;
 mod outside_text;
 mod register;
 mod reliability;

@@ -12,6 +12,8 @@
  *   driver=550.54.15
  *   cuda=12040
  *   block_secs=30          nvmlDeviceGetCount_v2 sleeps this long (a wedged GPU)
+ *   crash=1                nvmlDeviceGetCount_v2 writes through a null pointer (SIGSEGV, as a
+ *                          library/driver version mismatch can)
  *   lost_index=3           nvmlDeviceGetName returns NVML_ERROR_GPU_IS_LOST for this GPU
  *   mig_index=2            this GPU has MIG enabled
  *   mem_v1_result=3        nvmlDeviceGetMemoryInfo (v1) returns this (3 = NOT_SUPPORTED, as on
@@ -100,6 +102,7 @@ static struct {
     char driver[80];
     int cuda;
     unsigned block_secs;
+    int crash;
     int lost_index;
     int mig_index;
     int count_result;
@@ -165,6 +168,7 @@ static void load_config(void) {
     snprintf(cfg.driver, sizeof cfg.driver, "550.54.15");
     cfg.cuda = 12040;
     cfg.block_secs = 0;
+    cfg.crash = 0;
     cfg.lost_index = -1;
     cfg.mig_index = -1;
     cfg.count_result = 0;
@@ -200,6 +204,7 @@ static void load_config(void) {
         else if (!strcmp(k, "driver")) snprintf(cfg.driver, sizeof cfg.driver, "%s", v);
         else if (!strcmp(k, "cuda")) cfg.cuda = atoi(v);
         else if (!strcmp(k, "block_secs")) cfg.block_secs = (unsigned)atoi(v);
+        else if (!strcmp(k, "crash")) cfg.crash = atoi(v);
         else if (!strcmp(k, "lost_index")) cfg.lost_index = atoi(v);
         else if (!strcmp(k, "mig_index")) cfg.mig_index = atoi(v);
         else if (!strcmp(k, "count_result")) cfg.count_result = atoi(v);
@@ -282,6 +287,7 @@ nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *v) {
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
     load_config();
     if (cfg.block_secs) sleep(cfg.block_secs);
+    if (cfg.crash) *(volatile int *)(uintptr_t)cfg.crash = 0;
     if (cfg.count_result) return (nvmlReturn_t)cfg.count_result;
     if (!count) return NVML_ERROR_INVALID_ARGUMENT;
     *count = cfg.count;

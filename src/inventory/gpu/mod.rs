@@ -5,16 +5,18 @@ pub mod health;
 pub mod nvml;
 mod nvml_v1;
 pub mod pci;
+pub mod probe;
 
 use crate::config::GpuMode;
 use health::{GpuState, Offer, RawChecks};
-use nvml::{NVML_TIMEOUT, NvmlData, NvmlOutcome, NvmlProbe};
-use serde::Serialize;
+use nvml::{NVML_TIMEOUT, NvmlData, NvmlOutcome};
+use probe::NvmlProbe;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// GPU vendors the API knows (`GpuTypeInfo.gpu_vendor`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Vendor {
     /// PCI vendor 0x10de.
@@ -64,7 +66,7 @@ impl Vendor {
 }
 
 /// One GPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gpu {
     /// Index in discovery order.
     pub index: u32,
@@ -83,7 +85,8 @@ pub struct Gpu {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mig_enabled: Option<bool>,
     /// `nvml` or `pci`.
-    pub source: &'static str,
+    #[serde(deserialize_with = "source_name")]
+    pub source: SourceName,
     /// The kernel driver bound to it (PCI scan only; `None`: none, or not known).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
@@ -118,6 +121,24 @@ impl Gpu {
                 &self.bus_id
             }
         )
+    }
+}
+
+/// [`Gpu::source`]'s type. An alias, so that serde's derive does not see a `&str` and borrow
+/// it from the input (which would require a `'static` input): [`source_name`] maps the text
+/// back to the two names.
+pub type SourceName = &'static str;
+
+/// [`Gpu::source`] read back (the probe child's answer): one of the two names, else an error.
+fn source_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "nvml" => Ok("nvml"),
+        "pci" => Ok("pci"),
+        other => Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Str(other),
+            &"nvml or pci",
+        )),
     }
 }
 
@@ -275,7 +296,7 @@ impl GpuProbe {
         Self {
             mode,
             root: root.to_path_buf(),
-            nvml: NvmlProbe::new(nvml_library),
+            nvml: NvmlProbe::new(nvml_library, root),
             last_nvml: Mutex::new(None),
             last_seen: Mutex::new(None),
             last_error: Mutex::new(None),
