@@ -17,21 +17,21 @@ pub fn run(overrides: &Overrides) -> Result<(), Exit> {
         },
         |p| p.display().to_string(),
     );
-    println!("# effective configuration from {source}");
+    crate::outln!("# effective configuration from {source}")?;
     for w in &cfg.warnings {
-        println!("# warning: {w}");
+        crate::outln!("# warning: {w}")?;
     }
     if !cfg.origins.is_empty() {
-        println!("# where the values came from (the others are defaults):");
+        crate::outln!("# where the values came from (the others are defaults):")?;
         for (key, origin) in &cfg.origins {
-            println!("#   {key:<28} {origin}");
+            crate::outln!("#   {key:<28} {origin}")?;
         }
     }
-    print!("{}", cfg.to_redacted_toml());
+    crate::out!("{}", cfg.to_redacted_toml())?;
     if cfg.api.node_id.is_none() || cfg.api.access_token.is_none() {
-        println!(
+        crate::outln!(
             "# note: api.node_id/api.access_token not both set: `run` needs them, or a node registered with `register`"
-        );
+        )?;
     }
     Ok(())
 }

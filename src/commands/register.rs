@@ -167,24 +167,24 @@ pub fn run(overrides: &Overrides, args: &RegisterArgs) -> Result<(), Exit> {
 
     let runtime = runtime()?;
     let node_id = runtime.block_on(register(&cfg, args, &token, &store, &lock))?;
-    println!("registered node {node_id} with {}", cfg.api.url);
-    println!("state written to {}", store.path().display());
+    crate::sayln!("registered node {node_id} with {}", cfg.api.url);
+    crate::sayln!("state written to {}", store.path().display());
     // A non-root user without a configured state dir registers into its own
     // $XDG_STATE_HOME, which the system service never reads.
     let users_own = !crate::perms::is_root()
         && store.dir() == crate::config::default_state_dir(&crate::config::process_env)
         && store.dir() != std::path::Path::new(crate::config::DEFAULT_STATE_DIR);
     if users_own {
-        println!(
+        crate::sayln!(
             "note: the system service reads {}, not {}: it will not see this registration; \
              to register for the service, run this command as root (sudo -E …)",
             crate::config::DEFAULT_STATE_DIR,
             store.dir().display()
         );
-        println!("next: exalsius-node-agent run   (in the foreground, as this user)");
+        crate::sayln!("next: exalsius-node-agent run   (in the foreground, as this user)");
     } else {
-        println!("next: systemctl enable --now exalsius-node-agent");
-        println!("   or: exalsius-node-agent run   (in the foreground)");
+        crate::sayln!("next: systemctl enable --now exalsius-node-agent");
+        crate::sayln!("   or: exalsius-node-agent run   (in the foreground)");
     }
     Ok(())
 }

@@ -34,12 +34,12 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
         Ok(Some(s)) => s,
         Ok(None) => {
             if args.json {
-                println!("{{\"healthy\":false,\"message\":\"no heartbeat recorded yet\"}}");
+                crate::outln!("{{\"healthy\":false,\"message\":\"no heartbeat recorded yet\"}}")?;
             } else {
-                println!(
+                crate::outln!(
                     "no heartbeat recorded yet ({} does not exist)",
                     store.path().display()
-                );
+                )?;
             }
             return Err(Exit::quiet());
         }
@@ -50,9 +50,9 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
     if args.json {
         let s = serde_json::to_string_pretty(&view)
             .map_err(|e| Exit::runtime(format!("cannot render the status: {e}")))?;
-        println!("{s}");
+        crate::outln!("{s}")?;
     } else {
-        print!("{}", render(&view, &state, now));
+        crate::out!("{}", render(&view, &state, now))?;
     }
     if view.healthy {
         Ok(())

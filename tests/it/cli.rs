@@ -348,3 +348,51 @@ fn machine_faults_exit_1_and_what_the_operator_must_edit_exits_78() {
         }
     }
 }
+
+/// A reader that goes away (`| head -c10`) ends every command that prints quietly: exit 141
+/// (128 + SIGPIPE, what the shell reports for any Unix tool a closed pipe stops), no panic
+/// (101), no error line; `run --dry-run` stops instead of running on. Before this rule:
+/// `status`, `status --json`, `check-config`, `doctor`, `inventory` exited 101 and dry-run
+/// never exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_every_command_quietly() {
+    use std::process::Stdio;
+    let (_api, agent) = setup_with("").await;
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["check-config"],
+        &["doctor"],
+        &["doctor", "--json"],
+        &["inventory"],
+        &["inventory", "--json"],
+        &["run", "--dry-run"],
+    ] {
+        // The reader is gone before the command starts: no race with its first write.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut child = clean_command()
+            .arg("--config")
+            .arg(agent.config_path())
+            .args(args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + slack(20 * SECOND);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("{args:?} ran on with its reader gone");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(141), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
