@@ -80,6 +80,25 @@ impl Metrics {
         &self.path
     }
 
+    /// The configuration no longer asks for this file (a reload moved it or switched metrics
+    /// off): removes it, so node_exporter does not serve frozen figures for ever. Only a
+    /// regular file is removed (never what a symlink points to); a failure is logged.
+    pub fn retire(self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.is_file() => match std::fs::remove_file(&self.path) {
+                Ok(()) => tracing::info!(
+                    textfile = %self.path.display(),
+                    "metrics: removed the file the configuration no longer names"
+                ),
+                Err(e) => tracing::warn!(
+                    textfile = %self.path.display(),
+                    "metrics: cannot remove the file the configuration no longer names: {e}"
+                ),
+            },
+            _ => {}
+        }
+    }
+
     /// A new heartbeat interval (SIGHUP).
     pub fn set_interval(&mut self, interval: Duration) {
         self.interval = interval;

@@ -4,7 +4,7 @@
 //! an error and `check-config` can name the origin.
 
 use super::file::{FileApi, FileConfig, FileHeartbeat, FileInventory};
-use super::validate::{bounded, parse_uuid, validate_textfile, validate_url};
+use super::validate::{bounded, parse_uuid, validate_state_dir, validate_textfile, validate_url};
 use super::*;
 
 /// Where values come from, and the origin of each one taken.
@@ -299,12 +299,16 @@ fn inventory(layers: &mut Layers<'_>, file: FileInventory) -> Result<InventoryCo
 
 fn state_dir(layers: &mut Layers<'_>, file: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
     let flag = (layers.overrides.state_dir.clone(), "--state-dir");
-    let dir = layers
+    let (dir, origin) = layers
         .pick("state.dir", flag, Some(ENV_STATE_DIR), file, PathBuf::from)
-        .map_or_else(|| default_state_dir(layers.env), |(d, _)| d);
+        .map_or_else(
+            || (default_state_dir(layers.env), "default".to_string()),
+            |(d, o)| (d, o),
+        );
     if dir.as_os_str().is_empty() {
         return Err(layers.invalid(&layers.file, "state.dir", "is empty".to_string()));
     }
+    validate_state_dir(&dir).map_err(|m| layers.invalid(&origin, "state.dir", m))?;
     Ok(dir)
 }
 

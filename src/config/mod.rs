@@ -8,6 +8,7 @@
 mod file;
 mod layers;
 mod validate;
+pub use validate::{SHARED_DIR_BITS, is_shared_dir_mode};
 
 pub use crate::logging::LogFormat;
 pub(crate) use validate::validate_url;

@@ -249,7 +249,7 @@ fn check_config_names_the_origin_of_each_value() {
     )
     .unwrap();
     let out = agent_cmd()
-        .args(["check-config", "--state-dir", "/tmp/flag-state"])
+        .args(["check-config", "--state-dir", "/var/lib/flag-state"])
         .env("EXALSIUS_AGENT_CONFIG", &cfg)
         .env("EXALSIUS_API_URL", "https://env.example/v1")
         .output()

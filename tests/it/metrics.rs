@@ -323,3 +323,40 @@ fn the_readme_alert_rules_are_tested_rules() {
         );
     }
 }
+
+/// A file the agent writes for others does not outlive the configuration that asked for it:
+/// a reload that moves `metrics.textfile` removes the old file, one that switches metrics off
+/// removes the file (node_exporter would serve its frozen figures for ever). Before this rule
+/// both stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_file_goes_when_its_configuration_goes() {
+    let (api, mut agent) = setup().await;
+    let file = metrics_config(&agent, &api.url());
+    agent.spawn(&[]);
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + slack(10 * SECOND);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}\n{}",
+                agent.all_output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait("no metrics file", &|| file.exists());
+    let moved = file.with_file_name("moved.prom");
+    agent.write_config(&config_text(
+        &api.url(),
+        &format!("[metrics]\ntextfile = \"{}\"\n", moved.display()),
+    ));
+    agent.signal("HUP");
+    wait("the old file stayed after a move", &|| {
+        moved.exists() && !file.exists()
+    });
+    agent.write_config(&config_text(&api.url(), ""));
+    agent.signal("HUP");
+    wait("the file stayed with metrics off", &|| !moved.exists());
+    let (st, _) = agent.stop();
+    assert!(st.success());
+}
