@@ -339,6 +339,40 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 
+    /// Where `key`'s value came from, for advice ("set X in …"): its recorded origin (the
+    /// config file, an environment variable, a flag), else the config file.
+    pub fn origin_of(&self, key: &str) -> String {
+        self.origins
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or_else(|| self.file_hint(), |(_, o)| o.clone())
+    }
+
+    /// What to do for a new access token, where the configured one came from (its recorded
+    /// origin): the environment needs a restart (a reload keeps the process's environment),
+    /// a token file or the config file a reload.
+    pub fn new_token_advice(&self) -> String {
+        const RELOAD: &str = "reload: systemctl reload exalsius-node-agent";
+        let origin = self
+            .origins
+            .iter()
+            .find(|(k, _)| *k == "api.access_token")
+            .map(|(_, o)| o.as_str());
+        match (origin, &self.api.access_token_file) {
+            (Some(ENV_ACCESS_TOKEN), _) => format!(
+                "the token comes from {ENV_ACCESS_TOKEN}: set a new one where the service gets its environment (for the packaged service: systemctl edit exalsius-node-agent, Environment={ENV_ACCESS_TOKEN}=…) and restart it (a reload keeps the old environment): systemctl restart exalsius-node-agent"
+            ),
+            (_, Some(file)) => format!(
+                "put a new access token in {} (api.access_token_file) and {RELOAD}",
+                file.display()
+            ),
+            _ => format!(
+                "put a new access token in {} (api.access_token) and {RELOAD}",
+                self.file_hint()
+            ),
+        }
+    }
+
     /// The file the operator should edit (for messages).
     pub fn file_hint(&self) -> String {
         self.source
