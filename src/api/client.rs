@@ -30,12 +30,26 @@ pub fn user_agent() -> String {
 /// Building the client failed (the CA file, in practice).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// `api.ca_file` cannot be read or holds no certificate.
+    /// `api.ca_file` is missing or holds no certificate (the operator's to fix).
     #[error("api.ca_file = {path}: {message}")]
     CaFile { path: PathBuf, message: String },
+    /// `api.ca_file` is there but cannot be read now (a fault of the machine).
+    #[error("api.ca_file = {}: cannot read now: {source}", path.display())]
+    CaFileUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// reqwest refused the settings.
     #[error("cannot build HTTP client: {0}")]
     Build(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    /// A fault of the machine (exit 1, retried), not something to edit (exit 78).
+    pub fn is_machine_fault(&self) -> bool {
+        matches!(self, ClientError::CaFileUnreadable { .. })
+    }
 }
 
 /// What to do after a failed attempt.
@@ -159,7 +173,16 @@ impl ApiClient {
                 path: path.clone(),
                 message,
             };
-            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                if crate::config::is_operators_to_fix(&e) {
+                    ca_err(e.to_string())
+                } else {
+                    ClientError::CaFileUnreadable {
+                        path: path.clone(),
+                        source: e,
+                    }
+                }
+            })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| ca_err(format!("not a PEM certificate bundle: {e}")))?;
             if certs.is_empty() {

@@ -6,8 +6,13 @@ use crate::config::Overrides;
 /// Runs `check-config`: 0 when valid (the values on stdout, tokens redacted), 78 when not.
 pub fn run(overrides: &Overrides) -> Result<(), Exit> {
     let cfg = load_config(overrides)?;
-    crate::api::ApiClient::new(&cfg.api)
-        .map_err(|e| Exit::config(format!("configuration error: {e}")))?;
+    crate::api::ApiClient::new(&cfg.api).map_err(|e| {
+        if e.is_machine_fault() {
+            Exit::runtime(e.to_string())
+        } else {
+            Exit::config(format!("configuration error: {e}"))
+        }
+    })?;
     let source = cfg.source.as_deref().map_or_else(
         || {
             format!(

@@ -196,7 +196,13 @@ async fn register(
     store: &StateStore,
     lock: &crate::state::StateLock,
 ) -> Result<Uuid, Exit> {
-    let client = ApiClient::new(&cfg.api).map_err(|e| Exit::config(e.to_string()))?;
+    let client = ApiClient::new(&cfg.api).map_err(|e| {
+        if e.is_machine_fault() {
+            Exit::runtime(e.to_string())
+        } else {
+            Exit::config(e.to_string())
+        }
+    })?;
     let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref());
     let inventory = tokio::task::spawn_blocking(move || collector.collect())
         .await

@@ -107,6 +107,30 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// A file the configuration names (`api.access_token_file`, `api.ca_file`) is there but
+    /// cannot be read now: permissions that changed, an I/O error (exit 1, retried).
+    #[error("{origin}: {key} = {}: cannot read now: {source}", path.display())]
+    NamedFileUnreadable {
+        origin: String,
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// True when an I/O error on a file the configuration names is the operator's to fix (exit
+/// 78): the file is missing, something else is in its place, or its bytes are not text.
+/// Anything else (permission denied, an I/O error) is a fault of the machine (exit 1).
+pub fn is_operators_to_fix(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::NotFound
+            | ErrorKind::IsADirectory
+            | ErrorKind::NotADirectory
+            | ErrorKind::InvalidData
+    )
 }
 
 impl ConfigError {
@@ -121,6 +145,7 @@ impl ConfigError {
                 source.kind(),
                 ErrorKind::IsADirectory | ErrorKind::InvalidData
             ),
+            ConfigError::NamedFileUnreadable { .. } => true,
             _ => false,
         }
     }

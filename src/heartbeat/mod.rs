@@ -95,6 +95,7 @@ impl RunError {
             | RunError::State(_)
             | RunError::RestartForDevices(_) => 1,
             RunError::Config(e) if e.is_machine_fault() => 1,
+            RunError::Client(e) if e.is_machine_fault() => 1,
             _ => crate::config::EX_CONFIG,
         }
     }

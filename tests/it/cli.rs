@@ -396,3 +396,98 @@ async fn a_closed_stdout_ends_every_command_quietly() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// Exit 78 (the operator must edit) for every file the configuration names when its content
+/// or shape is wrong — missing, a directory, not a certificate — and 1 (a fault of the
+/// machine, retried by systemd) when it cannot be read now. Run as `nobody`, as the packaged
+/// service is. Before this rule an unreadable token or CA file exited 78.
+#[test]
+fn files_the_config_names_exit_78_for_what_to_edit_and_1_for_a_fault() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(home) = NobodyHome::new() else {
+        return;
+    };
+    let dir = home.dir.path();
+    let file = |name: &str, body: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let token_ok = file("token", "t\n", 0o644);
+    let unreadable_token = file("token-root", "t\n", 0o600);
+    let unreadable_ca = file("ca-root.pem", "x", 0o600);
+    let garbage_ca = file("ca-garbage.pem", "not a certificate", 0o644);
+    let open_dir = dir.join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = dir.join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::write(closed.join("ca.pem"), "x").unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let cases = [
+        (
+            "token file unreadable",
+            format!("access_token_file = \"{}\"", unreadable_token.display()),
+            1,
+        ),
+        (
+            "token file missing",
+            format!("access_token_file = \"{}\"", dir.join("nope").display()),
+            78,
+        ),
+        (
+            "token file is a directory",
+            format!("access_token_file = \"{}\"", open_dir.display()),
+            78,
+        ),
+        (
+            "CA file unreadable",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                unreadable_ca.display()
+            ),
+            1,
+        ),
+        (
+            "CA file behind a closed directory",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                closed.join("ca.pem").display()
+            ),
+            1,
+        ),
+        (
+            "CA file not a certificate",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                garbage_ca.display()
+            ),
+            78,
+        ),
+        (
+            "CA file missing",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                dir.join("nope.pem").display()
+            ),
+            78,
+        ),
+    ];
+    for (i, (name, api, code)) in cases.iter().enumerate() {
+        let cfg = home.write_config(&format!(
+            "[api]\nurl = \"http://127.0.0.1:9/v1\"\nnode_id = \"0d9c2f4e-8a51-4c1b-9e62-3f7a1b2c4d5e\"\n{api}\n[inventory]\ngpu = \"off\"\n[state]\ndir = \"{}\"\n",
+            dir.join(format!("s{i}")).display()
+        ));
+        for args in [&["run", "--once"][..], &["check-config"]] {
+            let out = home.command(&cfg, args).output().unwrap();
+            let t = text(&out);
+            assert_eq!(out.status.code(), Some(*code), "{name} {args:?}: {t}");
+            assert!(!t.contains("panicked"), "{name}: {t}");
+        }
+    }
+}
