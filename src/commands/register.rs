@@ -97,16 +97,25 @@ fn local_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-fn register_token(args: &RegisterArgs) -> Result<Secret, String> {
+/// The registration token; a file that cannot be read now (an I/O error, permissions) is a
+/// fault of the machine (exit 1), a wrong path the operator's to fix (exit 78).
+fn register_token(args: &RegisterArgs) -> Result<Secret, Exit> {
     let token = match (&args.register_token, &args.register_token_file) {
         (_, Some(path)) => std::fs::read_to_string(path)
             .map(|t| Secret::new(t.trim()))
-            .map_err(|e| format!("--register-token-file {}: {e}", path.display()))?,
+            .map_err(|e| {
+                let message = format!("--register-token-file {}: {e}", path.display());
+                if crate::config::is_operators_to_fix(&e) {
+                    Exit::config(message)
+                } else {
+                    Exit::runtime(message)
+                }
+            })?,
         (Some(t), None) => Secret::new(t.trim()),
-        (None, None) => return Err("no registration token given".to_string()),
+        (None, None) => return Err(Exit::config("no registration token given")),
     };
     if token.is_blank() {
-        return Err("the registration token is empty".to_string());
+        return Err(Exit::config("the registration token is empty"));
     }
     Ok(token)
 }
@@ -127,7 +136,7 @@ fn validate(args: &RegisterArgs) -> Result<Secret, Exit> {
             "--price-per-hour {p} must be a non-negative number"
         )));
     }
-    register_token(args).map_err(Exit::config)
+    register_token(args)
 }
 
 /// Runs `register`.
@@ -309,6 +318,31 @@ async fn post_with_retries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(token_file: &str) -> RegisterArgs {
+        RegisterArgs {
+            register_token: None,
+            register_token_file: Some(std::path::PathBuf::from(token_file)),
+            endpoint: "192.168.1.1:22".into(),
+            username: "ubuntu".into(),
+            ssh_key_id: "123e4567-e89b-12d3-a456-426614174000".into(),
+            hostname: None,
+            price_per_hour: None,
+            description: None,
+            force: false,
+        }
+    }
+
+    /// The registration token file follows the class of every named file: missing or a
+    /// directory → 78 (fix the command line), an I/O error now → 1 (`/proc/self/mem` read at
+    /// offset 0 fails with EIO). Before this rule: 78 for both.
+    #[test]
+    fn a_token_file_fault_is_1_and_a_wrong_path_78() {
+        assert_eq!(validate(&args("/nonexistent/token")).unwrap_err().code, 78);
+        assert_eq!(validate(&args("/")).unwrap_err().code, 78);
+        let e = validate(&args("/proc/self/mem")).unwrap_err();
+        assert_eq!(e.code, 1, "{}", e.message);
+    }
 
     #[test]
     fn endpoints() {

@@ -105,8 +105,15 @@ fn read_legacy(path: &Path) -> Result<Legacy, Exit> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Exit::runtime(format!("cannot read {}: {e}", path.display())))?;
+    // Bytes that are not text are the file's content (78); a read that fails now is a fault (1).
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let message = format!("cannot read {}: {e}", path.display());
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Exit::config(message)
+        } else {
+            Exit::runtime(message)
+        }
+    })?;
     parse_legacy(&text, path).map_err(Exit::config)
 }
 
