@@ -109,5 +109,6 @@ impl Agent {
                 }
             }
         }
+        crate::metrics::adopt(self.store.dir(), cfg.metrics.textfile.as_deref());
     }
 }

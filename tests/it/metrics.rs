@@ -360,3 +360,42 @@ async fn a_metrics_file_goes_when_its_configuration_goes() {
     let (st, _) = agent.stop();
     assert!(st.success());
 }
+
+/// The same across restarts: the agent records the metrics file it writes (in its state
+/// directory), and a start whose configuration names another file, or none, removes the one
+/// an earlier run wrote. Before this rule it stayed, frozen.
+#[test]
+fn a_metrics_file_goes_when_a_restart_drops_it() {
+    let api_url = "http://127.0.0.1:9/v1";
+    let agent = Agent::new();
+    let file = metrics_config(&agent, api_url);
+    let out = agent.output(&["run", "--once"]);
+    assert!(file.exists(), "{}", text(&out));
+    let moved = file.with_file_name("moved.prom");
+    agent.write_config(&config_text(
+        api_url,
+        &format!("[metrics]\ntextfile = \"{}\"\n", moved.display()),
+    ));
+    let out = agent.output(&["run", "--once"]);
+    assert!(moved.exists() && !file.exists(), "{}", text(&out));
+    agent.write_config(&config_text(api_url, ""));
+    let out = agent.output(&["run", "--once"]);
+    assert!(!moved.exists(), "{}", text(&out));
+    // Dry runs write no metrics and remove nothing.
+    let again = metrics_config(&agent, api_url);
+    let _ = agent.output(&["run", "--once"]);
+    assert!(again.exists());
+    agent.write_config(&config_text(api_url, ""));
+    // A dry run with no reader ends at its first body (exit 141).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let st = clean_command()
+        .arg("--config")
+        .arg(agent.config_path())
+        .args(["run", "--dry-run"])
+        .stdout(std::process::Stdio::from(writer))
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(141));
+    assert!(again.exists(), "a dry run removed the metrics file");
+}
