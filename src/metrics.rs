@@ -92,6 +92,13 @@ impl Metrics {
         &self.path
     }
 
+    /// The configuration no longer asks for this file (a reload moved it or switched metrics
+    /// off): removes it, so node_exporter does not serve frozen figures for ever. Only a
+    /// regular file is removed (never what a symlink points to); a failure is logged.
+    pub fn retire(self) {
+        remove_written(&self.path);
+    }
+
     /// A new heartbeat interval (SIGHUP).
     pub fn set_interval(&mut self, interval: Duration) {
         self.interval = interval;
@@ -338,6 +345,61 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Removes a metrics file the configuration no longer names: a regular file only (never what
+/// a symlink points to); a failure is logged.
+fn remove_written(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(
+                textfile = %path.display(),
+                "metrics: removed the file the configuration no longer names"
+            ),
+            Err(e) => tracing::warn!(
+                textfile = %path.display(),
+                "metrics: cannot remove the file the configuration no longer names: {e}"
+            ),
+        },
+        _ => {}
+    }
+}
+
+/// The file in the state directory that records which metrics file the agent writes, so that
+/// a later start (or reload) whose configuration names another file, or none, can remove it.
+pub const WRITTEN_MARKER: &str = "metrics-textfile";
+
+/// Makes `current` (the configured `metrics.textfile`, `None`: off) the one metrics file the
+/// agent answers for: a file an earlier run or configuration wrote elsewhere — recorded in
+/// `{state_dir}/metrics-textfile` — is removed (a regular `*.prom` file only, never what a
+/// symlink points to), and the record names `current` (or goes). Best effort: a failure is
+/// logged and changes nothing else.
+pub fn adopt(state_dir: &Path, current: Option<&Path>) {
+    use std::os::unix::ffi::OsStrExt;
+    let marker = state_dir.join(WRITTEN_MARKER);
+    let previous = std::fs::read(&marker)
+        .ok()
+        .map(|b| PathBuf::from(std::ffi::OsStr::from_bytes(&b)));
+    if let Some(prev) = previous.filter(|p| {
+        Some(p.as_path()) != current
+            && p.is_absolute()
+            && p.extension().is_some_and(|e| e == "prom")
+    }) {
+        remove_written(&prev);
+    }
+    let recorded = match current {
+        Some(p) => std::fs::write(&marker, p.as_os_str().as_bytes()),
+        None => match std::fs::remove_file(&marker) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(
+            "metrics: cannot record the metrics file in {}: {e}",
+            marker.display()
+        );
+    }
 }
 
 /// Temp file in the same directory (not matching `*.prom`), mode 0644, renamed over `path`.

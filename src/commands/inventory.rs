@@ -5,7 +5,6 @@ use super::Exit;
 use crate::cli::InventoryArgs;
 use crate::config::{Config, Overrides, process_env};
 use crate::inventory::{Collector, HostCollector, Inventory};
-use std::io::Write;
 
 /// Runs `inventory`: works without a config and without network.
 pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
@@ -24,7 +23,7 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
         ),
         Err(e) => {
             // A diagnostic tool goes on without the config; it says so (not an error).
-            eprintln!("exalsius-node-agent: ignoring the configuration: {e}");
+            crate::output::warn_line(&format!("ignoring the configuration: {e}"));
             ("warn".to_string(), Default::default(), None, None)
         }
     };
@@ -41,7 +40,6 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
     let inv = HostCollector::with_root(root, gpu_mode, nvml_library.as_deref())
         .count_unhealthy_gpus(count_unhealthy)
         .collect();
-    let mut out = std::io::stdout().lock();
     let text = if args.json {
         serde_json::to_string_pretty(&crate::api::NodePatchRequest::new(
             &inv.specs,
@@ -54,9 +52,8 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
         Ok(render_inventory(&inv))
     };
     let text = text.map_err(|e| Exit::runtime(format!("cannot render inventory: {e}")))?;
-    // A closed pipe (`| head`) is not an error worth a message.
-    let _ = out.write_all(text.as_bytes());
-    Ok(())
+    // A closed pipe (`| head`) is not an error worth a message: a quiet exit 141.
+    crate::output::write(&text)
 }
 
 fn gib(bytes: u64) -> String {

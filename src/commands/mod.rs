@@ -78,7 +78,7 @@ pub fn exit_code(outcome: Result<(), Exit>) -> u8 {
         Ok(()) => 0,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("exalsius-node-agent: {}", f.message);
+                crate::output::warn_line(&f.message);
             }
             f.code
         }

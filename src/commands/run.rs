@@ -55,6 +55,14 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
     let reload_overrides = overrides.clone();
     let result = runtime.block_on(async move {
         let (shutdown, reload) = crate::shutdown::install();
+        if mode == Mode::DryRun {
+            // A dry run whose reader went away (`| head`) stops, as a SIGTERM would stop it.
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                crate::heartbeat::sender::stdout_gone().cancelled().await;
+                stop.cancel();
+            });
+        }
         let agent = heartbeat::prepare(cfg, mode, first)?;
         agent
             .run(Control {
@@ -72,5 +80,8 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
     // being waited for, as dropping the runtime would. Probe children are killed first.
     runtime.shutdown_background();
     crate::inventory::software::kill_running_probes();
+    if let Some(e) = crate::heartbeat::sender::stdout_error() {
+        return Err(crate::output::write_error(e));
+    }
     result.map_err(Exit::from)
 }

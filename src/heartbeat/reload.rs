@@ -103,13 +103,21 @@ impl Agent {
             (Some(m), Some(p)) if m.path() == p => m.set_interval(cfg.heartbeat.interval),
             (_, Some(p)) => {
                 info!(textfile = %p.display(), "reload: metrics file set");
-                self.metrics = Some(Metrics::new(
+                let old = self.metrics.replace(Metrics::new(
                     p,
                     cfg.heartbeat.interval,
                     Some(self.creds.state()),
                 ));
+                if let Some(old) = old {
+                    old.retire();
+                }
             }
-            (_, None) => self.metrics = None,
+            (_, None) => {
+                if let Some(old) = self.metrics.take() {
+                    old.retire();
+                }
+            }
         }
+        crate::metrics::adopt(self.store.dir(), cfg.metrics.textfile.as_deref());
     }
 }

@@ -1253,3 +1253,57 @@ async fn health_sighup_applies_count_unhealthy_gpus() {
         "{out}"
     );
 }
+
+/// A vGPU host: 4 L40S, each with 4 SR-IOV virtual functions (a `physfn` link in each VF's
+/// directory). Only the physical functions are GPUs — on the PCI path, with `auto` when NVML
+/// fails (falls back to PCI), and with NVML working (a VF is no GPU that "fell off the bus").
+/// Before this rule: 20 on the PCI path and 16 "NVML cannot use it" notes.
+#[test]
+fn sriov_virtual_functions_are_not_gpus() {
+    let host = fixture_host("l40s-sriov");
+    let inv = collect(&host, GpuMode::Pci, None);
+    assert_eq!(inv.specs.hardware.gpu_count, 4, "{:?}", inv.details.gpus);
+    assert_eq!(inv.specs.hardware.gpu_type, "L40S");
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(notes.contains("16 SR-IOV virtual functions"), "{notes}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), "init_result=9\n");
+    let inv = collect(&host, GpuMode::Auto, Some(&lib));
+    assert_eq!(
+        inv.specs.hardware.gpu_count, 4,
+        "NVML failed: PCI stands in"
+    );
+
+    set_fake_nvml(dir.path(), "count=4\n");
+    let inv = collect(&host, GpuMode::Auto, Some(&lib));
+    assert_eq!(inv.specs.hardware.gpu_count, 4);
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(!notes.contains("NVML cannot use it"), "{notes}");
+}
+
+/// A VM whose hypervisor puts every device on bus 0 (no root ports): discrete Intel (Flex,
+/// Max), NVIDIA and AMD GPUs there are GPUs; only the Intel iGPU at 00:02.0 is integrated.
+/// Before this rule: the Flex and the Max were taken for integrated graphics.
+#[test]
+fn discrete_gpus_on_a_root_bus_count_and_the_igpu_does_not() {
+    let inv = collect(&fixture_host("vm-passthrough"), GpuMode::Pci, None);
+    let buses: Vec<&str> = inv.details.gpus.iter().map(|g| g.bus_id.as_str()).collect();
+    assert_eq!(
+        buses,
+        vec![
+            "0000:00:03.0",
+            "0000:00:04.0",
+            "0000:00:05.0",
+            "0000:00:06.0",
+            "0000:00:07.0"
+        ],
+        "{:?}",
+        inv.details.gpu_notes
+    );
+    let notes = inv.details.gpu_notes.join("\n");
+    assert!(
+        notes.contains("at 0000:00:02.0 is integrated graphics"),
+        "{notes}"
+    );
+}
