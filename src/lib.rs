@@ -10,6 +10,7 @@
 //! Data flows one way: [`config`] → [`inventory`] → request → response → [`state`].
 
 pub mod api;
+pub mod bounded;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -6,6 +6,11 @@
 //! Counters start at zero with each process (Prometheus' `rate()` handles the reset); the
 //! gauges that describe the node (last success, failures, token expiry) are seeded from the
 //! state file, so a restart does not make a failing node look healthy or a healthy one new.
+//!
+//! The textfile directory is the operator's choice and may sit on a mount that stops
+//! answering: the file is written on a thread of its own, one write in flight at a time, so a
+//! write that hangs costs that thread only. Writes asked for meanwhile replace each other (each
+//! is the whole file), and the newest goes out when the hung one returns.
 
 use crate::state::State;
 use std::collections::BTreeMap;
@@ -13,7 +18,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Prefix of every metric name.
 const NS: &str = "exalsius_node_agent";
@@ -24,6 +30,10 @@ pub const LATENCY_BUCKETS: [f64; 9] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 pub const OUTCOMES: [&str; 5] = ["ok", "transient", "unauthorized", "not_found", "rejected"];
 /// Inventory sources whose failures are counted.
 pub const INVENTORY_SOURCES: [&str; 2] = ["collection", "nvml"];
+
+/// A write still running after this long is reported (once): writing a few kilobytes takes
+/// milliseconds, so it is a file system that stopped answering.
+pub const WRITE_STUCK_AFTER: Duration = Duration::from_secs(10);
 
 /// The build, for `exalsius_node_agent_build_info`.
 pub fn build_commit() -> &'static str {
@@ -48,8 +58,25 @@ pub struct Metrics {
     gpus: Option<i32>,
     refresh_seconds: Option<f64>,
     inventory_errors: BTreeMap<&'static str, u64>,
+    /// The thread that writes the file (shared by clones).
+    writer: Arc<Mutex<Writer>>,
+}
+
+/// The writing thread's state.
+#[derive(Debug, Default)]
+struct Writer {
+    /// Since when a write is in flight (`None`: no thread is writing).
+    busy_since: Option<Instant>,
+    /// The newest file asked for while a write was in flight.
+    next: Option<String>,
+    /// A hung write was reported.
+    stuck_reported: bool,
     /// The kind of the last write error warned about (one warning per kind).
-    write_error: Option<std::io::ErrorKind>,
+    error: Option<std::io::ErrorKind>,
+}
+
+fn lock(w: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
+    w.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Metrics {
@@ -71,7 +98,7 @@ impl Metrics {
             gpus: None,
             refresh_seconds: None,
             inventory_errors: INVENTORY_SOURCES.iter().map(|s| (*s, 0)).collect(),
-            write_error: None,
+            writer: Arc::default(),
         }
     }
 
@@ -228,33 +255,96 @@ impl Metrics {
         );
     }
 
-    /// Rewrites the file; a failure is logged once per distinct error and never stops a
-    /// heartbeat.
+    /// Rewrites the file (on the writing thread, see the module docs); a failure is logged
+    /// once per distinct error and never stops a heartbeat.
     pub fn write(&mut self) {
-        match write_atomic(&self.path, self.render().as_bytes()) {
-            Ok(()) => {
-                if self.write_error.take().is_some() {
-                    tracing::info!("metrics: writing {} works again", self.path.display());
-                }
+        let body = self.render();
+        let mut w = lock(&self.writer);
+        if let Some(since) = w.busy_since {
+            w.next = Some(body);
+            if since.elapsed() >= WRITE_STUCK_AFTER
+                && !std::mem::replace(&mut w.stuck_reported, true)
+            {
+                tracing::warn!(
+                    "metrics: writing {} has not returned for {}s: the file system there does not answer; \
+                     heartbeats go on, and the newest metrics are written when it does",
+                    self.path.display(),
+                    since.elapsed().as_secs()
+                );
             }
-            Err(e) => {
-                // tempfile's message names the random temp file, which would make every
-                // failure look new: one warning per kind of error, the message without it.
-                let msg = e.to_string();
-                let msg = msg
-                    .split(" at path ")
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                if self.write_error != Some(e.kind()) {
-                    tracing::warn!(
-                        "metrics: cannot write {}: {msg}; heartbeats go on, retried after each attempt \
-                         (the packaged unit needs a drop-in to write there: see \
-                         /usr/share/doc/exalsius-node-agent/operator-guide.md, \"Monitoring\")",
-                        self.path.display()
-                    );
-                    self.write_error = Some(e.kind());
-                }
+            return;
+        }
+        w.busy_since = Some(Instant::now());
+        drop(w);
+        let (writer, path) = (Arc::clone(&self.writer), self.path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("metrics-writer".into())
+            .spawn(move || write_until_drained(&writer, &path, body));
+        if let Err(e) = spawned {
+            lock(&self.writer).busy_since = None;
+            tracing::warn!(
+                "metrics: cannot start the writing thread: {e}; retried after the next attempt"
+            );
+        }
+    }
+
+    /// Waits until no write is in flight (tests).
+    #[cfg(test)]
+    fn flushed(&self) -> &Self {
+        while lock(&self.writer).busy_since.is_some() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self
+    }
+}
+
+/// The writing thread: writes `body`, then whatever was asked for meanwhile, until nothing is.
+fn write_until_drained(writer: &Mutex<Writer>, path: &Path, mut body: String) {
+    loop {
+        let result = write_atomic(path, body.as_bytes());
+        let mut w = lock(writer);
+        report(&mut w, path, result);
+        match w.next.take() {
+            Some(next) => {
+                body = next;
+                w.busy_since = Some(Instant::now());
+            }
+            None => {
+                w.busy_since = None;
+                return;
+            }
+        }
+    }
+}
+
+/// Logs a write's result: each kind of error once, and the recovery.
+fn report(w: &mut Writer, path: &Path, result: std::io::Result<()>) {
+    if std::mem::take(&mut w.stuck_reported) {
+        tracing::info!("metrics: the hung write of {} has returned", path.display());
+    }
+    match result {
+        Ok(()) => {
+            if w.error.take().is_some() {
+                tracing::info!("metrics: writing {} works again", path.display());
+            }
+        }
+        Err(e) => {
+            // tempfile's message names the random temp file, which would make every
+            // failure look new: one warning per kind of error, the message without it.
+            let msg = e.to_string();
+            let msg = msg
+                .split(" at path ")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if w.error != Some(e.kind()) {
+                tracing::warn!(
+                    "metrics: cannot write {}: {msg}; heartbeats go on, retried after each attempt \
+                     (the packaged unit needs a drop-in to write there: see \
+                     /usr/share/doc/exalsius-node-agent/operator-guide.md, \"Monitoring\")",
+                    path.display()
+                );
+                w.error = Some(e.kind());
             }
         }
     }
@@ -359,6 +449,7 @@ mod tests {
         let path = dir.path().join("agent.prom");
         let mut m = Metrics::new(&path, Duration::from_secs(60), None);
         m.write();
+        m.flushed();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o644);
         let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -366,7 +457,7 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("agent.prom")]);
-        assert!(m.write_error.is_none());
+        assert!(lock(&m.writer).error.is_none());
         // A missing directory: remembered once, no panic.
         let mut bad = Metrics::new(
             &dir.path().join("missing/agent.prom"),
@@ -374,6 +465,6 @@ mod tests {
             None,
         );
         bad.write();
-        assert!(bad.write_error.is_some());
+        assert!(lock(&bad.flushed().writer).error.is_some());
     }
 }

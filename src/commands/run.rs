@@ -6,6 +6,7 @@ use crate::config::{Config, Overrides, process_env};
 use crate::heartbeat::{self, Control, Mode, RunError};
 use crate::inventory::{Collector, HostCollector};
 use std::sync::Arc;
+use std::time::Duration;
 
 impl From<RunError> for Exit {
     fn from(e: RunError) -> Self {
@@ -23,8 +24,14 @@ fn collector(cfg: &Config) -> Arc<dyn Collector> {
     ))
 }
 
-/// Runs `run`.
-pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
+/// A start whose reads (the config file, the token file, the CA file, the state) take longer
+/// fails with exit 1 and says why: a slow network mount at boot answers within seconds, and
+/// this is well inside systemd's start timeout (90 s), which would only say "timed out".
+pub const START_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything before the loop: the configuration and every file it names read, logging, the
+/// state directory's lock and state. Blocking: run off the runtime.
+fn start(overrides: &Overrides, mode: Mode) -> Result<heartbeat::Agent, Exit> {
     let cfg = load_config(overrides)?;
     crate::footprint::mark("configuration loaded");
     crate::logging::init(&cfg.log.level, cfg.log.format);
@@ -32,15 +39,6 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
-    let mode = if args.once {
-        Mode::Once
-    } else if args.dry_run {
-        Mode::DryRun
-    } else {
-        Mode::Daemon
-    };
-    let runtime = runtime()?;
-    crate::footprint::mark("runtime");
     match cfg.source.as_deref() {
         Some(p) => {
             tracing::info!(config = %p.display(), version = env!("CARGO_PKG_VERSION"), "starting")
@@ -52,10 +50,47 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
         ),
     }
     let first = collector(&cfg);
+    Ok(heartbeat::prepare(cfg, mode, first)?)
+}
+
+/// Runs `run`.
+pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
+    let mode = if args.once {
+        Mode::Once
+    } else if args.dry_run {
+        Mode::DryRun
+    } else {
+        Mode::Daemon
+    };
+    let runtime = runtime()?;
+    crate::footprint::mark("runtime");
+    let start_overrides = overrides.clone();
     let reload_overrides = overrides.clone();
     let result = runtime.block_on(async move {
+        // Signals first: SIGTERM stops a start whose reads hang on a mount that does not
+        // answer (they run on a blocking thread, abandoned at exit).
         let (shutdown, reload) = crate::shutdown::install();
-        let agent = heartbeat::prepare(cfg, mode, first)?;
+        let starting = tokio::task::spawn_blocking(move || start(&start_overrides, mode));
+        let agent = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                eprintln!(
+                    "exalsius-node-agent: stopped while starting: reading the configuration or a file it names had not finished"
+                );
+                return match mode {
+                    Mode::Once => Err(Exit::runtime("heartbeat failed: interrupted")),
+                    Mode::Daemon | Mode::DryRun => Ok(()),
+                };
+            }
+            started = tokio::time::timeout(START_READ_TIMEOUT, starting) => match started {
+                Ok(Ok(agent)) => agent?,
+                Ok(Err(e)) => return Err(Exit::runtime(format!("start failed: {e}"))),
+                Err(_) => return Err(Exit::runtime(format!(
+                    "reading the configuration (the file, api.access_token_file, api.ca_file) or the state directory did not finish within {}s: a file system there does not answer; fix the mount (systemd starts the agent again)",
+                    START_READ_TIMEOUT.as_secs()
+                ))),
+            },
+        };
         agent
             .run(Control {
                 shutdown,
@@ -66,11 +101,13 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
                 collectors: Some(Box::new(collector)),
             })
             .await
+            .map_err(Exit::from)
     });
-    // Exit is never held by blocking work: a getaddrinfo, a version probe, a /sys read or an
-    // NVML call stuck in a blocking thread is abandoned (the process exit ends it) instead of
-    // being waited for, as dropping the runtime would. Probe children are killed first.
+    // Exit is never held by blocking work: a getaddrinfo, a version probe, a /sys read, an
+    // NVML call or a read on a hung mount stuck in a blocking thread is abandoned (the process
+    // exit ends it) instead of being waited for, as dropping the runtime would. Probe children
+    // are killed first.
     runtime.shutdown_background();
     crate::inventory::software::kill_running_probes();
-    result.map_err(Exit::from)
+    result
 }
