@@ -249,3 +249,21 @@ async fn a_start_on_a_hung_mount_stops_on_sigterm() {
     }
     assert_none_wrong(wrong);
 }
+
+/// The root-filesystem fallback of the storage inventory asks `/` only: another mount that
+/// stopped answering (datasets on FUSE, Ceph, Lustre) must not hang the inventory.
+#[test]
+fn the_root_filesystem_size_does_not_ask_other_mounts() {
+    let Some(_mnt) = hung_mount_or_rerun("the_root_filesystem_size_does_not_ask_other_mounts")
+    else {
+        return;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(exalsius_node_agent::inventory::storage::root_filesystem_bytes());
+    });
+    let bytes = rx
+        .recv_timeout(slack(5 * SECOND))
+        .expect("the root filesystem's size hung on another mount");
+    assert!(bytes > 0);
+}
