@@ -35,6 +35,10 @@ pub const INVENTORY_SOURCES: [&str; 2] = ["collection", "nvml"];
 /// milliseconds, so it is a file system that stopped answering.
 pub const WRITE_STUCK_AFTER: Duration = Duration::from_secs(10);
 
+/// At exit the last write is awaited this long: a local write takes well under a millisecond,
+/// and a hung one must not delay the stop SIGTERM promises within a second.
+pub const EXIT_FLUSH_WAIT: Duration = Duration::from_millis(300);
+
 /// The build, for `exalsius_node_agent_build_info`.
 pub fn build_commit() -> &'static str {
     option_env!("EXALSIUS_BUILD_COMMIT").unwrap_or("unknown")
@@ -288,12 +292,19 @@ impl Metrics {
         }
     }
 
+    /// Waits (blocking) until no write is in flight, at most `within` (at exit: `run --once`
+    /// ends right after its one write).
+    pub fn flush(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while lock(&self.writer).busy_since.is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits until no write is in flight (tests).
     #[cfg(test)]
     fn flushed(&self) -> &Self {
-        while lock(&self.writer).busy_since.is_some() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.flush(Duration::from_secs(60));
         self
     }
 }

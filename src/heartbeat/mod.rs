@@ -278,6 +278,9 @@ impl Agent {
     }
 
     fn finish(&self, result: Result<(), RunError>) -> Result<(), RunError> {
+        if let Some(m) = &self.metrics {
+            m.flush(crate::metrics::EXIT_FLUSH_WAIT);
+        }
         if self.mode != Mode::Once {
             systemd::stopping();
             info!("stopped");
