@@ -126,6 +126,7 @@ async fn beats_on_and_stops(api: &StandIn, agent: &mut Agent, case: &str) -> Opt
     let before = api.count();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let beats = api.count() - before;
+    eprintln!("{case}: {beats} heartbeats in 1.5 s");
     let mut wrong = (beats < 5).then(|| format!("{case}: {beats} heartbeats in 1.5 s"));
     wrong = wrong.or(stops_within_a_second(agent, case));
     wrong
@@ -147,6 +148,7 @@ fn stops_within_a_second(agent: &mut Agent, case: &str) -> Option<String> {
     }
     agent.child = None;
     let took = sent.elapsed();
+    eprintln!("{case}: stopped {took:?} after SIGTERM");
     (took >= slack(SECOND)).then(|| format!("{case}: SIGTERM took {took:?}"))
 }
 
