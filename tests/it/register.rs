@@ -464,3 +464,60 @@ async fn a_cut_off_2xx_answer_is_not_followed_by_a_second_post() {
     assert!(!agent.state_file().exists());
     assert!(!all.contains(REGISTER_TOKEN), "token leaked: {all}");
 }
+
+/// A second signal while `register` waits for the answer stops it at once, saying that the
+/// node may be registered and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once_and_says_the_node_may_be_registered() {
+    let (api, agent) = setup().await;
+    agent.write_config(&bare_config(&api.url()));
+    api.script([Scripted::Late(Duration::from_secs(5))]);
+    let mut child = spawn_register(&agent);
+    api.wait_requests(1, Duration::from_secs(10)).await;
+    let kill = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    kill("-TERM");
+    agent
+        .wait_output("waiting up to", Duration::from_secs(5))
+        .await;
+    let started = std::time::Instant::now();
+    kill("-INT");
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < slack(Duration::from_secs(5)),
+            "never exited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(started.elapsed() < slack(Duration::from_secs(1)));
+    let all = agent.all_output();
+    assert_eq!(status.code(), Some(1), "{all}");
+    assert!(all.contains("then SIGINT"), "{all}");
+    assert!(all.contains("may now be registered"), "{all}");
+    assert!(all.contains("not under another name"), "{all}");
+}
+
+/// The retries wait as the heartbeats do: at least the server's `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_at_least_retry_after() {
+    let (api, agent) = setup().await;
+    agent.write_config(&bare_config(&api.url()));
+    api.script([Scripted::StatusWithHeader(503, "retry-after", "1".into())]);
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let seen = api.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_secs(1), "retried after {gap:?}");
+}
