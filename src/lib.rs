@@ -14,6 +14,7 @@ pub mod bounded;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod exit;
 pub mod footprint;
 pub mod heartbeat;
 pub mod inventory;

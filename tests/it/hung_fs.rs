@@ -169,7 +169,8 @@ async fn a_reload_onto_a_hung_mount_keeps_the_heartbeats_and_sigterm_works() {
     let ca = mnt.path("ca.pem");
     let token = mnt.path("token");
     let prom = mnt.path("agent.prom");
-    let cases: [(&str, String); 4] = [
+    let lib = mnt.path("libnvidia-ml.so.1");
+    let cases: [(&str, String); 5] = [
         ("config file", String::new()),
         ("ca_file", format!("ca_file = \"{}\"\n", ca.display())),
         (
@@ -180,6 +181,11 @@ async fn a_reload_onto_a_hung_mount_keeps_the_heartbeats_and_sigterm_works() {
             "metrics textfile",
             format!("[metrics]\ntextfile = \"{}\"\n", prom.display()),
         ),
+        // Read by the inventory collection, which is already off the runtime.
+        (
+            "inventory.nvml_library",
+            format!("gpu = \"nvml\"\nnvml_library = \"{}\"\n", lib.display()),
+        ),
     ];
     let mut wrong = Vec::new();
     for (case, extra) in cases {
@@ -189,6 +195,10 @@ async fn a_reload_onto_a_hung_mount_keeps_the_heartbeats_and_sigterm_works() {
         match case {
             "config file" => symlink(&mnt.path("agent.toml"), &agent.config_path()),
             "metrics textfile" => agent.write_config(&config_text(&api.url(), &extra)),
+            "inventory.nvml_library" => agent.write_config(&config_text(&api.url(), "").replace(
+                "[inventory]\ngpu = \"off\"\n",
+                &format!("[inventory]\n{extra}"),
+            )),
             _ => agent.write_config(&with_api_key(&api.url(), &extra)),
         }
         agent.signal("HUP");
