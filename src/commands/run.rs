@@ -7,6 +7,7 @@ use crate::heartbeat::{self, Control, Mode, RunError};
 use crate::inventory::{Collector, HostCollector};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 impl From<RunError> for Exit {
     fn from(e: RunError) -> Self {
@@ -29,13 +30,50 @@ fn collector(cfg: &Config) -> Arc<dyn Collector> {
 /// this is well inside systemd's start timeout (90 s), which would only say "timed out".
 pub const START_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Runs `f` (reads of files the operator chose) on a blocking thread: `Ok(None)` when SIGTERM
+/// came first, exit 1 when `deadline` passed.
+async fn off_runtime<T: Send + 'static>(
+    shutdown: &CancellationToken,
+    deadline: tokio::time::Instant,
+    f: impl FnOnce() -> Result<T, Exit> + Send + 'static,
+) -> Result<Option<T>, Exit> {
+    let task = tokio::task::spawn_blocking(f);
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Ok(None),
+        done = tokio::time::timeout_at(deadline, task) => match done {
+            Ok(Ok(result)) => result.map(Some),
+            Ok(Err(e)) => Err(Exit::runtime(format!("start failed: {e}"))),
+            Err(_) => Err(Exit::runtime(format!(
+                "reading the configuration (the file, api.access_token_file, api.ca_file) or the state directory did not finish within {}s: a file system there does not answer; fix the mount (systemd starts the agent again)",
+                START_READ_TIMEOUT.as_secs()
+            ))),
+        },
+    }
+}
+
 /// Everything before the loop: the configuration and every file it names read, logging, the
-/// state directory's lock and state. Blocking: run off the runtime.
-fn start(overrides: &Overrides, mode: Mode) -> Result<heartbeat::Agent, Exit> {
-    let cfg = load_config(overrides)?;
-    crate::footprint::mark("configuration loaded");
-    crate::logging::init(&cfg.log.level, cfg.log.format);
-    crate::footprint::mark("logging");
+/// state directory's lock and state — read off the runtime, so that SIGTERM still stops a
+/// start whose reads hang. `None`: stopped before it was done.
+async fn start(
+    shutdown: &CancellationToken,
+    overrides: Overrides,
+    mode: Mode,
+) -> Result<Option<heartbeat::Agent>, Exit> {
+    let deadline = tokio::time::Instant::now() + START_READ_TIMEOUT;
+    let Some(cfg) = off_runtime(shutdown, deadline, move || {
+        let cfg = load_config(&overrides)?;
+        crate::footprint::mark("configuration loaded");
+        crate::logging::init(&cfg.log.level, cfg.log.format);
+        crate::footprint::mark("logging");
+        Ok(cfg)
+    })
+    .await?
+    else {
+        return Ok(None);
+    };
+    // Logged from this thread: its first log line sets up its thread-locals now, not later
+    // while a `dlopen` on a hung mount may hold the loader lock that needs.
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
@@ -49,8 +87,11 @@ fn start(overrides: &Overrides, mode: Mode) -> Result<heartbeat::Agent, Exit> {
             crate::config::DEFAULT_CONFIG_PATH
         ),
     }
-    let first = collector(&cfg);
-    Ok(heartbeat::prepare(cfg, mode, first)?)
+    off_runtime(shutdown, deadline, move || {
+        let first = collector(&cfg);
+        Ok(heartbeat::prepare(cfg, mode, first)?)
+    })
+    .await
 }
 
 /// Runs `run`.
@@ -70,26 +111,14 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
         // Signals first: SIGTERM stops a start whose reads hang on a mount that does not
         // answer (they run on a blocking thread, abandoned at exit).
         let (shutdown, reload) = crate::shutdown::install();
-        let starting = tokio::task::spawn_blocking(move || start(&start_overrides, mode));
-        let agent = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                eprintln!(
-                    "exalsius-node-agent: stopped while starting: reading the configuration or a file it names had not finished"
-                );
-                return match mode {
-                    Mode::Once => Err(Exit::runtime("heartbeat failed: interrupted")),
-                    Mode::Daemon | Mode::DryRun => Ok(()),
-                };
-            }
-            started = tokio::time::timeout(START_READ_TIMEOUT, starting) => match started {
-                Ok(Ok(agent)) => agent?,
-                Ok(Err(e)) => return Err(Exit::runtime(format!("start failed: {e}"))),
-                Err(_) => return Err(Exit::runtime(format!(
-                    "reading the configuration (the file, api.access_token_file, api.ca_file) or the state directory did not finish within {}s: a file system there does not answer; fix the mount (systemd starts the agent again)",
-                    START_READ_TIMEOUT.as_secs()
-                ))),
-            },
+        let Some(agent) = start(&shutdown, start_overrides, mode).await? else {
+            eprintln!(
+                "exalsius-node-agent: stopped while starting: reading the configuration or a file it names had not finished"
+            );
+            return match mode {
+                Mode::Once => Err(Exit::runtime("heartbeat failed: interrupted")),
+                Mode::Daemon | Mode::DryRun => Ok(()),
+            };
         };
         agent
             .run(Control {

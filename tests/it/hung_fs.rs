@@ -211,11 +211,12 @@ async fn a_reload_onto_a_hung_mount_keeps_the_heartbeats_and_sigterm_works() {
     assert_none_wrong(wrong);
 }
 
-/// A start with the config file, the CA file, the token file or the metrics file on a mount
-/// that stopped answering: SIGTERM still stops it within a second (and with the metrics file
-/// there, the heartbeats go out). Not the NVML library: a `dlopen` stuck there holds glibc's
-/// loader lock, which every thread creation and first thread-local destructor then waits for
-/// (NVML in a child process, issue 30, takes `dlopen` out of the agent).
+/// A start with the config file, the CA file, the token file, the metrics file or the NVML
+/// library on a mount that stopped answering: SIGTERM still stops it within a second (and with
+/// the metrics file there, the heartbeats go out). A `dlopen` stuck on the NVML library holds
+/// glibc's loader lock, which `exit`, a thread's first thread-local destructor and thread
+/// creation wait for: the agent leaves with `_exit` and its runtime thread logs before the
+/// first collection (NVML in a child process, issue 30, takes `dlopen` out of the agent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_on_a_hung_mount_stops_on_sigterm() {
     let Some(mnt) = hung_mount_or_rerun("a_start_on_a_hung_mount_stops_on_sigterm") else {
@@ -227,6 +228,7 @@ async fn a_start_on_a_hung_mount_stops_on_sigterm() {
         "ca_file",
         "access_token_file",
         "metrics textfile",
+        "inventory.nvml_library",
     ] {
         let (api, mut agent) = setup_with("").await;
         match case {
@@ -238,6 +240,13 @@ async fn a_start_on_a_hung_mount_stops_on_sigterm() {
             "access_token_file" => agent.write_config(&with_api_key(
                 &api.url(),
                 &format!("access_token_file = \"{}\"\n", mnt.path("token").display()),
+            )),
+            "inventory.nvml_library" => agent.write_config(&config_text(&api.url(), "").replace(
+                "[inventory]\ngpu = \"off\"\n",
+                &format!(
+                    "[inventory]\ngpu = \"nvml\"\nnvml_library = \"{}\"\n",
+                    mnt.path("libnvidia-ml.so.1").display()
+                ),
             )),
             _ => agent.write_config(&config_text(
                 &api.url(),
