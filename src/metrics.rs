@@ -452,6 +452,34 @@ mod tests {
     }
 
     #[test]
+    fn writes_asked_for_while_one_is_in_flight_end_with_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.prom");
+        let mut m = Metrics::new(&path, Duration::from_secs(60), None);
+        // Held busy as a hung write would be: the writes queue, none starts a second thread.
+        lock(&m.writer).busy_since = Some(Instant::now());
+        for _ in 0..50 {
+            m.attempt("ok", Some(200), Duration::from_millis(1), &state());
+            m.write();
+        }
+        assert!(
+            !path.exists(),
+            "written while the first write was in flight"
+        );
+        let newest = lock(&m.writer).next.take().unwrap();
+        assert!(newest.contains("heartbeats_total{outcome=\"ok\"} 50\n"));
+        // When the hung write returns, the newest file goes out.
+        let writer = Arc::clone(&m.writer);
+        write_until_drained(&writer, &path, newest);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("outcome=\"ok\"} 50\n")
+        );
+        assert!(lock(&m.writer).busy_since.is_none());
+    }
+
+    #[test]
     fn labels_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         assert_eq!(num(3.0), "3");
