@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """What the resident memory of `run` is made of (issue 22): python3 bench/footprint.py [RUNS]
 
-Builds the release agent, the same agent without the hot-text ordering (EXALSIUS_NO_HOT_TEXT=1,
-in target/unordered: what the ordering buys) and the floor (examples/floor.rs), serves
+Builds the release agent and the floor (examples/floor.rs), serves
 PATCH /node/{id} on loopback, and runs each RUNS times (default 5) for ~150 heartbeats at 50 ms:
 
 - the agent with EXALSIUS_FOOTPRINT_MARKS (src/footprint.rs): resident memory after each phase
@@ -10,11 +9,18 @@ PATCH /node/{id} on loopback, and runs each RUNS times (default 5) for ~150 hear
   that phase cost (the first phase to touch shared code, std's formatting say, pays for it);
 - agent and floor: resident memory by mapping (the binary, libc, heap, the rest) from
   /proc/PID/smaps;
-- the binary's resident pages by section (present bits of /proc/PID/pagemap): what of .text.hot,
-  .text, .rodata, the relocations is mapped;
+- the binary's resident pages by section (present bits of /proc/PID/pagemap): what of .text,
+  .rodata, the relocations is mapped;
 - the binary's sections (`size -A`) and, when cargo-bloat is installed, .text by crate.
 
 Writes bench/results/footprint.md (medians) and prints it.
+
+python3 bench/footprint.py --gpu-hosts [RUNS] (default 3): the GPU-host rows only (issue 30),
+with the release agent already built: the daemon's peak RSS as an unprivileged user with
+`gpu = "off"` and with `gpu = "nvml"` and the real libnvidia-ml 535 and 550 (from
+packaging/fetch-nvidia.sh's cache, $EXALSIUS_NVIDIA_CACHE; init fails here, no GPU), side by
+side, and the cost of one NVML probe child (peak RSS, CPU ms, wall ms) with each library and
+with the stub. Writes bench/results/footprint-gpu.md.
 """
 import http.server
 import json
@@ -30,7 +36,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 5
 NODE = "0a0a0a0a-0000-4000-8000-000000000001"
 
 
@@ -151,6 +157,119 @@ def run_agent(url, work, exe):
     return phases, maps
 
 
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+CACHE = os.environ.get("EXALSIUS_NVIDIA_CACHE", "/var/cache/exalsius-ci/nvidia")
+
+
+def real_library(generation):
+    for d, _, files in os.walk(os.path.join(CACHE, generation)):
+        if "libnvidia-ml.so.1" in files:
+            return os.path.join(d, "libnvidia-ml.so.1")
+    return None
+
+
+def run_daemon_as_nobody(url, work, exe, gpu, library):
+    """Peak RSS (VmHWM, KiB) of `run` as nobody after ~100 heartbeats, with NVML probed at
+    start and at every inventory refresh (1 s here: ~5 probes)."""
+    state = os.path.join(work, "state")
+    shutil.rmtree(state, ignore_errors=True)
+    cfg = os.path.join(work, "agent.toml")
+    lib = f'nvml_library = "{library}"\n' if library else ""
+    with open(cfg, "w") as f:
+        f.write(f'[api]\nurl = "{url}"\nnode_id = "{NODE}"\naccess_token = "boot"\n'
+                f'[heartbeat]\ninterval = "50ms"\njitter = 0.0\n[inventory]\ngpu = "{gpu}"\n'
+                f'refresh_interval = "1s"\n{lib}[state]\ndir = "{state}"\n[log]\nlevel = "warn"\n')
+    os.chmod(cfg, 0o600)
+    os.chown(cfg, 65534, 65534)
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    before = Api.count
+    p = subprocess.Popen(NOBODY + [exe, "--config", cfg, "run"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and Api.count - before < 100:
+        time.sleep(0.05)
+    time.sleep(5.5)  # ≥ 5 inventory refreshes, each a probe child
+    hwm = 0
+    with open(f"/proc/{p.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    p.kill()
+    p.wait()
+    return hwm
+
+
+def probe_cost(exe, library):
+    """One probe child as nobody: (peak RSS KiB, CPU ms, wall ms). The peak comes from GNU
+    time: a process's peak includes what it had before exec (Python's own ~20 MiB, were it
+    forked from here), and time's is ~1.5 MiB."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.monotonic()
+    r = subprocess.run(["/usr/bin/time", "-f", "%M"] + NOBODY + [exe, "nvml-probe", "--library", library],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    wall = (time.monotonic() - t) * 1000
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000
+    return int(r.stderr.strip().splitlines()[-1]), cpu, wall
+
+
+def gpu_hosts(runs, agent=None):
+    agent = agent or os.path.join(ROOT, "target/release/exalsius-node-agent")
+    if not os.path.exists(agent):
+        subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent"],
+                       cwd=ROOT, check=True)
+    libs = {g: real_library(g) for g in ["535", "550"]}
+    if not all(libs.values()):
+        sys.exit(f"no real libnvidia-ml under {CACHE}: run packaging/fetch-nvidia.sh")
+    work = tempfile.mkdtemp()
+    os.chmod(work, 0o755)
+    stub_dir = os.path.join(work, "stub")
+    os.mkdir(stub_dir)
+    stub = os.path.join(stub_dir, "libnvidia-ml.so.1")
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", stub,
+                    os.path.join(ROOT, "tests/support/fake_nvml.c")], check=True)
+    with open(os.path.join(stub_dir, "fake_nvml.conf"), "w") as f:
+        f.write("count=8\n")
+    os.chown(work, 65534, 65534)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    rows = {"off": [], "535": [], "550": []}
+    for _ in range(runs):  # side by side: off, 535, 550, off, …
+        rows["off"].append(run_daemon_as_nobody(url, work, agent, "off", None))
+        for g in ["535", "550"]:
+            rows[g].append(run_daemon_as_nobody(url, work, agent, "nvml", libs[g]))
+    costs = {}
+    for name, lib in [("stub (8 GPUs)", stub), ("535", libs["535"]), ("550", libs["550"])]:
+        probe_cost(agent, lib)  # warm the page cache
+        costs[name] = [probe_cost(agent, lib) for _ in range(max(runs, 5))]
+    shutil.rmtree(work, ignore_errors=True)
+    med = lambda xs: statistics.median(xs)
+    off = med(rows["off"])
+    lines = ["# The daemon's peak RSS on a GPU host (`python3 bench/footprint.py --gpu-hosts`)", "",
+             f"{runs} runs each, alternating, as an unprivileged user (nobody); `run` for ~100 "
+             "heartbeats at 50 ms and ≥ 5 inventory refreshes (1 s), each an NVML probe child. "
+             "Medians of VmHWM in KiB (the daemon process; the probe child is its own process).", "",
+             "| host | daemon peak RSS | × GPUs off | runs |", "|---|---|---|---|",
+             f"| GPUs off (`gpu = \"off\"`) | {off:.0f} | 1.00× | {rows['off']} |"]
+    for g in ["535", "550"]:
+        v = med(rows[g])
+        lines.append(f"| GPU host (real libnvidia-ml {g}, init failing here) | {v:.0f} | "
+                     f"{v / off:.2f}× | {rows[g]} |")
+    lines += ["", "## One NVML probe child (the cost of one inventory refresh's NVML query)", "",
+              "| library | child peak RSS (KiB) | CPU ms | wall ms |", "|---|---|---|---|"]
+    for name, samples in costs.items():
+        lines.append(f"| {name} | {med([s[0] for s in samples]):.0f} | "
+                     f"{med([s[1] for s in samples]):.1f} | {med([s[2] for s in samples]):.1f} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.join(ROOT, "bench/results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench/results/footprint-gpu.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def run_floor(url):
     exe = os.path.join(ROOT, "target/release/examples/floor")
     p = subprocess.Popen([exe, f"{url}/node/{NODE}", "50"],
@@ -168,19 +287,14 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent"],
                    cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--locked", "--example", "floor"], cwd=ROOT, check=True)
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "exalsius-node-agent"],
-                   cwd=ROOT, check=True, env=dict(os.environ, EXALSIUS_NO_HOT_TEXT="1",
-                                                  CARGO_TARGET_DIR=os.path.join(ROOT, "target/unordered")))
     agent = os.path.join(ROOT, "target/release/exalsius-node-agent")
-    unordered = os.path.join(ROOT, "target/unordered/release/exalsius-node-agent")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     work = tempfile.mkdtemp()
-    agent_runs, unordered_runs, floor_runs = [], [], []
-    for _ in range(RUNS):  # side by side: agent, unordered, floor, agent, …
+    agent_runs, floor_runs = [], []
+    for _ in range(RUNS):  # side by side: agent, floor, agent, …
         agent_runs.append(run_agent(url, work, agent))
-        unordered_runs.append(run_agent(url, work, unordered))
         floor_runs.append(run_floor(url))
     shutil.rmtree(work, ignore_errors=True)
 
@@ -189,8 +303,7 @@ def main():
              "",
              f"`python3 bench/footprint.py` — {RUNS} runs each, agent and floor alternating, "
              "medians in KiB; ~150 heartbeats at 50 ms against a loopback API, `gpu = \"auto\"` "
-             "(no NVIDIA driver on the machine that ran it). *Agent*: the release build; "
-             "*unordered*: the same without the hot-text linker script (EXALSIUS_NO_HOT_TEXT=1).",
+             "(no NVIDIA driver on the machine that ran it). *Agent*: the release build.",
              "",
              "## The agent's start-up, phase by phase (src/footprint.rs marks)",
              "",
@@ -206,28 +319,24 @@ def main():
         lines.append(f"| {name} | {rss} | {growth} | {anon} | {file} |")
         prev = rss
     lines += ["", "## By mapping, after ~150 heartbeats", "",
-              "| mapping | agent | unordered | floor | agent − floor |", "|---|---|---|---|---|"]
+              "| mapping | agent | floor | agent − floor |", "|---|---|---|---|"]
     for key in ["binary", "libc", "heap", "rest", "RssAnon", "RssFile", "VmHWM"]:
         a = med([r[1][key] for r in agent_runs])
-        u = med([r[1][key] for r in unordered_runs])
         f = med([r[key] for r in floor_runs])
-        lines.append(f"| {key} | {a} | {u} | {f} | {a - f:+d} |")
+        lines.append(f"| {key} | {a} | {f} | {a - f:+d} |")
     a = med([r[1]["VmHWM"] for r in agent_runs])
-    u = med([r[1]["VmHWM"] for r in unordered_runs])
     f = med([r["VmHWM"] for r in floor_runs])
-    lines += ["", f"Peak RSS ratio (medians): **{a / f:.2f}×** the floor "
-              f"(unordered: {u / f:.2f}×). Each run's peak: agent "
-              f"{[r[1]['VmHWM'] for r in agent_runs]}, unordered "
-              f"{[r[1]['VmHWM'] for r in unordered_runs]}, floor {[r['VmHWM'] for r in floor_runs]}.",
+    lines += ["", f"Peak RSS ratio (medians): **{a / f:.2f}×** the floor. Each run's peak: agent "
+              f"{[r[1]['VmHWM'] for r in agent_runs]}, floor {[r['VmHWM'] for r in floor_runs]}.",
               "", "## The agent binary's resident pages by section, after ~150 heartbeats", "",
-              "| section | agent: resident / size | unordered: resident / size |", "|---|---|---|"]
-    names = sorted({n for r in agent_runs + unordered_runs for n in r[1]["sections"]},
-                   key=lambda n: -max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs + unordered_runs))
+              "| section | agent: resident / size |", "|---|---|"]
+    names = sorted({n for r in agent_runs for n in r[1]["sections"]},
+                   key=lambda n: -max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs))
     cell = lambda runs, n: (f"{med([r[1]['sections'][n][0] for r in runs])} / "
                             f"{runs[0][1]['sections'][n][1]}" if n in runs[0][1]["sections"] else "–")
     for n in names:
-        if max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs + unordered_runs) >= 16:
-            lines.append(f"| {n} | {cell(agent_runs, n)} | {cell(unordered_runs, n)} |")
+        if max(r[1]["sections"].get(n, (0, 0))[1] for r in agent_runs) >= 16:
+            lines.append(f"| {n} | {cell(agent_runs, n)} |")
     lines.append("")
 
     size = subprocess.run(["size", "-A", os.path.join(ROOT, "target/release/exalsius-node-agent")],
@@ -238,15 +347,12 @@ def main():
                         if l.startswith(".") and len(l.split()) == 3}
     s, fs = sec(size), sec(fsize)
     lines += ["## The binary's sections (bytes)", "", "| section | agent | floor |", "|---|---|---|"]
-    for k in [".text.hot", ".text", ".rodata", ".rela.dyn", ".data.rel.ro", ".eh_frame", ".gcc_except_table"]:
+    for k in [".text", ".rodata", ".rela.dyn", ".data.rel.ro", ".eh_frame", ".gcc_except_table"]:
         lines.append(f"| {k} | {s.get(k, 0)} | {fs.get(k, 0)} |")
     if shutil.which("cargo-bloat"):
-        # cargo bloat reads .text only: measure the unordered build, whose code is all there.
         bloat = subprocess.run(["cargo", "bloat", "--release", "--crates", "--bin",
                                 "exalsius-node-agent", "-n", "25"], cwd=ROOT,
-                               capture_output=True, text=True,
-                               env=dict(os.environ, EXALSIUS_NO_HOT_TEXT="1",
-                                        CARGO_TARGET_DIR=os.path.join(ROOT, "target/unordered"))).stdout
+                               capture_output=True, text=True).stdout
         lines += ["", "## .text by crate (`cargo bloat --release --crates`)", "", "```",
                   bloat.strip(), "```"]
     text = "\n".join(lines) + "\n"
@@ -257,4 +363,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--gpu-hosts":
+        gpu_hosts(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    else:
+        main()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof (issue 15): the agent's GPUs through NVML and through the PCI scan, side by side
-# with nvidia-smi; NVML init and refresh times; peak RSS with NVML loaded vs gpu = "off"; a
+# with nvidia-smi; each health check's raw NVML answer per GPU (issue 32: which checks this
+# driver offers); NVML init and refresh times; peak RSS with NVML loaded vs gpu = "off"; a
 # SIGTERM during a refresh. Exits 1 on any disagreement.
 #
 #   bash bench/gpu-check.sh [--bin PATH] [--seconds N] [--out FILE]   on a machine with an NVIDIA GPU

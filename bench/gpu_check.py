@@ -6,6 +6,8 @@ any disagreement:
   - inventory --verbose-json through NVML (gpu = "nvml") and through the PCI scan
     (gpu = "pci"): count, names, memory must agree with each other and with nvidia-smi
     (NVML vs nvidia-smi: exact MiB, UUID, bus id; PCI vs NVML: name and GiB as the API gets it);
+  - each GPU health check's raw NVML answer per GPU (issue 32), which shows which checks the
+    driver offers (NOT_SUPPORTED, not_in_library: not available; the GPU counts);
   - NVML init time (the first refresh) and time per refresh (the later ones), from the
     daemon's own "inventory refreshed took_ms" lines;
   - peak RSS (VmHWM) of `run --dry-run` with NVML loaded vs gpu = "off", side by side;
@@ -100,6 +102,48 @@ def table(title, rows, cols):
     say("|" + "---|" * len(cols))
     for r in rows:
         say("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+
+
+HEALTH_CHECKS = [
+    ("remapped_rows", "nvmlDeviceGetRemappedRows"),
+    ("retired_pages_pending", "nvmlDeviceGetRetiredPagesPendingStatus"),
+    ("mig_mode", "nvmlDeviceGetMigMode"),
+    ("fabric", "nvmlDeviceGetGpuFabricInfo[V]"),
+]
+
+
+def answer_text(a):
+    """One raw answer as the agent's JSON carries it: {"value": {...}}, "not_supported",
+    "not_in_library", "reset_required", "gpu_lost", {"failed": "..."}."""
+    if isinstance(a, dict) and "value" in a:
+        v = a["value"]
+        if isinstance(v, dict):
+            return " ".join(f"{k}={json.dumps(x)}" for k, x in v.items())
+        return json.dumps(v)
+    if isinstance(a, dict) and "failed" in a:
+        return "error: " + a["failed"]
+    return str(a).upper() if a in ("not_supported", "reset_required", "gpu_lost") else str(a)
+
+
+def health_table(gpus):
+    """Issue 32: each health check's raw answer per GPU, so the first run on a driver shows
+    which checks it offers (NOT_SUPPORTED / not_in_library: the check is not available)."""
+    rows = []
+    for g in gpus:
+        h = g.get("health")
+        if h is None:
+            continue
+        row = {"gpu": g["index"], "bus": norm_bus(g["bus_id"])}
+        for key, _ in HEALTH_CHECKS:
+            row[key] = answer_text(h.get(key))
+        fatal = h.get("fatal") or []
+        row["other queries"] = ", ".join(f"{q}: {answer_text(a)}" for q, a in fatal) or "-"
+        rows.append(row)
+    if not rows:
+        say("\nNo NVML health answers (no NVML GPU).")
+        return
+    table("Health checks, raw answers per GPU (" + ", ".join(f"{k} = `{s}`" for k, s in HEALTH_CHECKS) + ")",
+          rows, ["gpu", "bus"] + [k for k, _ in HEALTH_CHECKS] + ["other queries"])
 
 
 def agent_rows(gpus):
@@ -223,6 +267,26 @@ def daemon(args, cfg, seconds, stop_after=None):
     return hwm, ms, proc.returncode, took
 
 
+def probe_child(args, runs=5):
+    """The NVML probe child alone (`nvml-probe`, what every refresh starts): medians of its
+    peak RSS (KiB, from GNU time: a child forked from Python would count Python's pages), CPU
+    ms and wall ms, and its answer."""
+    import resource
+    cmd = ["/usr/bin/time", "-f", "%M", args.bin, "nvml-probe"] + (["--library", args.lib] if args.lib else [])
+    rows, answer = [], ""
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = (time.monotonic() - t) * 1000
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000
+        rows.append((int(r.stderr.strip().splitlines()[-1]), cpu, wall))
+        answer = r.stdout
+    med = lambda i: statistics.median(r[i] for r in rows)
+    return med(0), med(1), med(2), answer
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -245,11 +309,13 @@ def main():
     say("\n`nvidia-smi --version`:\n\n```\n" + version + "\n```")
     table("`nvidia-smi --query-gpu=name,memory.total,uuid,pci.bus_id,driver_version`",
           smi_rows, ["name", "mib", "uuid", "bus", "driver"])
-    nvml = agent_rows(inventory(args, "nvml", nvml_cfg))
+    nvml_gpus = inventory(args, "nvml", nvml_cfg)
+    nvml = agent_rows(nvml_gpus)
     pci = agent_rows(inventory(args, "pci", pci_cfg))
     table('`inventory --verbose-json` with gpu = "nvml"', nvml, ["name", "mib", "uuid", "bus", "source"])
     table('`inventory --verbose-json` with gpu = "pci"', pci, ["name", "mib", "uuid", "bus", "source"])
     compare(smi_rows, nvml, pci)
+    health_table(nvml_gpus)
     if not failures:
         say(f"\nNVML, the PCI scan and nvidia-smi agree on {len(nvml)} GPU(s).")
     with open(nvml_cfg) as f:
@@ -272,7 +338,16 @@ def main():
     say(f"| peak RSS, gpu = \"nvml\" | {hwm_nvml} KiB |")
     say(f"| peak RSS, gpu = \"off\" | {hwm_off} KiB |")
     if hwm_off:
-        say(f"| NVML's cost | {hwm_nvml - hwm_off} KiB ({hwm_nvml / hwm_off:.2f}×) |")
+        say(f"| NVML's cost to the daemon | {hwm_nvml - hwm_off} KiB ({hwm_nvml / hwm_off:.2f}×) |")
+        if hwm_nvml > 1.2 * hwm_off:
+            fail(f"the daemon's peak RSS with NVML is {hwm_nvml / hwm_off:.2f}× gpu = off (want ≤ 1.2×: "
+                 "the vendor library belongs in the probe child)")
+    rss, cpu, wall, answer = probe_child(args)
+    say(f"| one NVML probe child (init + all GPUs), median of 5: peak RSS | {rss:.0f} KiB |")
+    say(f"| … CPU | {cpu:.1f} ms |")
+    say(f"| … wall | {wall:.1f} ms |")
+    if not answer.startswith('{"data"'):
+        fail(f"the NVML probe child did not answer with data: {answer[:120]}")
     if ms:
         # A refresh is the whole collection (CPU, disks, versions, GPUs); gpu = "off" beside
         # it shows what NVML adds.

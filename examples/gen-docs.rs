@@ -20,7 +20,11 @@ fn main() {
         .unwrap();
     std::fs::write(out.join("exalsius-node-agent.1"), page).unwrap();
     // One page per subcommand (`man exalsius-node-agent-run`), as git does.
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    // Hidden subcommands (the internal `nvml-probe`) get no page.
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help" && !s.is_hide_set())
+    {
         let name = format!("exalsius-node-agent-{}", sub.get_name());
         let mut page = Vec::new();
         clap_mangen::Man::new(sub.clone().name(&*Box::leak(name.clone().into_boxed_str())))

@@ -44,18 +44,7 @@ PY
   ok "$1: cargo auditable data readable by rust-audit-info ($(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["packages"]))' "$WORK/audit-$1.json") crates, section .dep-v0 of $((16#$(readelf -W -S "$2" | sed -n 's/.*\.dep-v0 *PROGBITS *[0-9a-f]* [0-9a-f]* \([0-9a-f]*\).*/\1/p'))) bytes)"
 }
 
-# hot_text LABEL BINARY MIN_PERCENT: the functions `run` executes sit together in .text.hot
-# (build.rs links them there from packaging/hot-text.txt; docs/benchmarks.md), at least
-# MIN_PERCENT of the bytes bench/hot-text.py gathered when it wrote the list. Fewer means the
-# list no longer names the code (renamed functions, a dependency update): regenerate it.
-hot_text() {
-  local want hex have
-  want=$(sed -n 's/^# x86-64 release build: \.text\.hot \([0-9]*\) bytes$/\1/p' packaging/hot-text.txt)
-  [ -n "$want" ] || die "packaging/hot-text.txt does not say what it gathered"
-  hex=$(readelf -SW "$2" | sed -n 's/.* \.text\.hot  *PROGBITS  *[0-9a-f]*  *[0-9a-f]*  *\([0-9a-f]*\) .*/\1/p')
-  [ -n "$hex" ] || die "$1 binary has no .text.hot section (build.rs did not link with the list)"
-  have=$((16#$hex))
-  [ $((have * 100)) -ge $((want * $3)) ] \
-    || die "$1: .text.hot holds $have bytes, < $3 % of the $want the list gathered: run python3 bench/hot-text.py"
-  ok "$1: .text.hot $have bytes ($((have * 100 / want)) % of the $want bytes packaging/hot-text.txt gathered; ≥ $3 %)"
-}
+# hot_text: the link-time hot-text ordering is gone (issue 30: the service's memory cgroup never
+# saw its gain; docs/benchmarks.md). Kept as a no-op until packaging/test-packages.sh drops its
+# call; then delete this.
+hot_text() { :; }

@@ -35,6 +35,14 @@ impl Kind {
         }
     }
 
+    /// Runs `f` on a thread without waiting for it (unless one of this kind is in flight).
+    pub fn spawn(&'static self, f: impl FnOnce() + Send + 'static) -> Result<(), Stalled> {
+        self.run(Duration::ZERO, f).or_else(|e| match e {
+            Stalled::TimedOut(_) => Ok(()),
+            other => Err(other),
+        })
+    }
+
     /// Runs `f` on a thread and waits at most `timeout` for its answer.
     pub fn run<T: Send + 'static>(
         &'static self,

@@ -78,6 +78,18 @@ pub enum Command {
     ///
     /// Exit codes: 0 nothing failed (warnings allowed), 1 at least one check failed.
     Doctor(DoctorArgs),
+    /// Internal: one NVML query in this short-lived process, its answer as JSON on stdout
+    /// (the daemon runs it, so the vendor library never stays in the daemon's memory).
+    #[command(name = "nvml-probe", hide = true)]
+    NvmlProbe(NvmlProbeArgs),
+}
+
+/// `nvml-probe` options (internal).
+#[derive(Debug, Args)]
+pub struct NvmlProbeArgs {
+    /// The NVML library to load [default: libnvidia-ml.so.1 on the loader path]
+    #[arg(long, value_name = "PATH")]
+    pub library: Option<PathBuf>,
 }
 
 /// `import-legacy` options.

@@ -20,6 +20,7 @@ pub mod heartbeat;
 pub mod inventory;
 pub mod logging;
 pub mod metrics;
+pub mod output;
 pub mod perms;
 pub mod secret;
 pub mod shutdown;

@@ -44,6 +44,15 @@ pub fn build_commit() -> &'static str {
     option_env!("EXALSIUS_BUILD_COMMIT").unwrap_or("unknown")
 }
 
+/// One GPU's health states, as the metrics file shows them.
+#[derive(Debug, Clone)]
+struct GpuStates {
+    index: u32,
+    uuid: String,
+    bus_id: String,
+    states: Vec<crate::inventory::gpu::health::GpuState>,
+}
+
 /// What the agent knows about itself, rendered into the exposition format.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -60,6 +69,8 @@ pub struct Metrics {
     last_status: Option<u16>,
     token_expiry: Option<SystemTime>,
     gpus: Option<i32>,
+    /// Per NVML GPU (index, UUID, bus id): its health states (`gpu_health_state`).
+    gpu_states: Vec<GpuStates>,
     refresh_seconds: Option<f64>,
     inventory_errors: BTreeMap<&'static str, u64>,
     /// The thread that writes the file (shared by clones).
@@ -77,6 +88,8 @@ struct Writer {
     stuck_reported: bool,
     /// The kind of the last write error warned about (one warning per kind).
     error: Option<std::io::ErrorKind>,
+    /// The configuration no longer names the file: remove it after the write in flight.
+    retired: bool,
 }
 
 fn lock(w: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
@@ -100,6 +113,7 @@ impl Metrics {
             last_status: None,
             token_expiry: state.and_then(|s| s.token_expires_at),
             gpus: None,
+            gpu_states: Vec::new(),
             refresh_seconds: None,
             inventory_errors: INVENTORY_SOURCES.iter().map(|s| (*s, 0)).collect(),
             writer: Arc::default(),
@@ -109,6 +123,35 @@ impl Metrics {
     /// The file written.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The configuration no longer asks for this file (a reload moved it or switched metrics
+    /// off): removes it, so node_exporter does not serve frozen figures for ever. Only a
+    /// regular file is removed (never what a symlink points to); a failure is logged.
+    /// On the writing thread, after any write in flight (which would create it again), so
+    /// that a hung mount holds that thread only.
+    pub fn retire(self) {
+        let mut w = lock(&self.writer);
+        w.next = None;
+        w.retired = true;
+        if w.busy_since.is_some() {
+            return;
+        }
+        w.busy_since = Some(Instant::now());
+        drop(w);
+        let (writer, path) = (Arc::clone(&self.writer), self.path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("metrics-writer".into())
+            .spawn(move || {
+                remove_written(&path);
+                lock(&writer).busy_since = None;
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "metrics: cannot start the thread that removes {}: {e}",
+                self.path.display()
+            );
+        }
     }
 
     /// A new heartbeat interval (SIGHUP).
@@ -147,6 +190,20 @@ impl Metrics {
         self.refresh_seconds = Some(took.as_secs_f64());
     }
 
+    /// Records the health states of the GPUs NVML checked (replacing the last refresh's).
+    pub fn gpu_states(&mut self, gpus: &[crate::inventory::gpu::Gpu]) {
+        self.gpu_states = gpus
+            .iter()
+            .filter(|g| g.health.is_some())
+            .map(|g| GpuStates {
+                index: g.index,
+                uuid: g.uuid.clone().unwrap_or_default(),
+                bus_id: g.bus_id.clone(),
+                states: g.states(),
+            })
+            .collect();
+    }
+
     /// Records a failed inventory source (`collection`: the whole collection timed out or
     /// panicked; `nvml`: an NVML error).
     pub fn inventory_error(&mut self, source: &'static str) {
@@ -179,7 +236,33 @@ impl Metrics {
             &self.inventory_errors,
         );
         self.render_latency(&mut out);
+        self.render_gpu_states(&mut out);
         out
+    }
+
+    /// `gpu_health_state{gpu,uuid,bus_id,state}`: 1 while the GPU is in that state, else 0;
+    /// every state of every NVML GPU is written, so an alert resolves when the state clears.
+    fn render_gpu_states(&self, out: &mut String) {
+        if self.gpu_states.is_empty() {
+            return;
+        }
+        let _ = write!(
+            out,
+            "# HELP {NS}_gpu_health_state 1 while NVML reports the GPU in this health state (not counted: reset_required, gpu_lost, row_remap_failed, fabric_not_ready, fabric_failed).\n# TYPE {NS}_gpu_health_state gauge\n"
+        );
+        for g in &self.gpu_states {
+            for s in crate::inventory::gpu::health::ALL_STATES {
+                let _ = writeln!(
+                    out,
+                    "{NS}_gpu_health_state{{gpu=\"{}\",uuid=\"{}\",bus_id=\"{}\",state=\"{}\"}} {}",
+                    g.index,
+                    label(&g.uuid),
+                    label(&g.bus_id),
+                    s.name(),
+                    u8::from(g.states.contains(&s))
+                );
+            }
+        }
     }
 
     fn render_gauges(&self, out: &mut String) {
@@ -319,6 +402,12 @@ fn write_until_drained(writer: &Mutex<Writer>, path: &Path, mut body: String) {
         let result = write_atomic(path, body.as_bytes());
         let mut w = lock(writer);
         report(&mut w, path, result);
+        if w.retired {
+            drop(w);
+            remove_written(path);
+            lock(writer).busy_since = None;
+            return;
+        }
         match w.next.take() {
             Some(next) => {
                 body = next;
@@ -391,6 +480,71 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Removes a metrics file the configuration no longer names: a regular file only (never what
+/// a symlink points to); a failure is logged.
+fn remove_written(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(
+                textfile = %path.display(),
+                "metrics: removed the file the configuration no longer names"
+            ),
+            Err(e) => tracing::warn!(
+                textfile = %path.display(),
+                "metrics: cannot remove the file the configuration no longer names: {e}"
+            ),
+        },
+        _ => {}
+    }
+}
+
+/// The file in the state directory that records which metrics file the agent writes, so that
+/// a later start (or reload) whose configuration names another file, or none, can remove it.
+pub const WRITTEN_MARKER: &str = "metrics-textfile";
+
+/// [`adopt`] on a thread of its own (SIGHUP: the files it may remove are the operator's, on
+/// mounts that may not answer), at most one at a time; a reload while one is stuck skips it.
+pub fn adopt_off_runtime(state_dir: &Path, current: Option<&Path>) {
+    static ADOPTING: crate::bounded::Kind = crate::bounded::Kind::new();
+    let (dir, current) = (state_dir.to_path_buf(), current.map(Path::to_path_buf));
+    if let Err(e) = ADOPTING.spawn(move || adopt(&dir, current.as_deref())) {
+        tracing::warn!("metrics: the file an earlier configuration named is not checked now: {e}");
+    }
+}
+
+/// Makes `current` (the configured `metrics.textfile`, `None`: off) the one metrics file the
+/// agent answers for: a file an earlier run or configuration wrote elsewhere — recorded in
+/// `{state_dir}/metrics-textfile` — is removed (a regular `*.prom` file only, never what a
+/// symlink points to), and the record names `current` (or goes). Best effort: a failure is
+/// logged and changes nothing else.
+pub fn adopt(state_dir: &Path, current: Option<&Path>) {
+    use std::os::unix::ffi::OsStrExt;
+    let marker = state_dir.join(WRITTEN_MARKER);
+    let previous = std::fs::read(&marker)
+        .ok()
+        .map(|b| PathBuf::from(std::ffi::OsStr::from_bytes(&b)));
+    if let Some(prev) = previous.filter(|p| {
+        Some(p.as_path()) != current
+            && p.is_absolute()
+            && p.extension().is_some_and(|e| e == "prom")
+    }) {
+        remove_written(&prev);
+    }
+    let recorded = match current {
+        Some(p) => std::fs::write(&marker, p.as_os_str().as_bytes()),
+        None => match std::fs::remove_file(&marker) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(
+            "metrics: cannot record the metrics file in {}: {e}",
+            marker.display()
+        );
+    }
 }
 
 /// Temp file in the same directory (not matching `*.prom`), mode 0644, renamed over `path`.

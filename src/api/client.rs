@@ -30,12 +30,26 @@ pub fn user_agent() -> String {
 /// Building the client failed (the CA file, in practice).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// `api.ca_file` cannot be read or holds no certificate.
+    /// `api.ca_file` is missing or holds no certificate (the operator's to fix).
     #[error("api.ca_file = {path}: {message}")]
     CaFile { path: PathBuf, message: String },
+    /// `api.ca_file` is there but cannot be read now (a fault of the machine).
+    #[error("api.ca_file = {}: cannot read now: {source}", path.display())]
+    CaFileUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// reqwest refused the settings.
     #[error("cannot build HTTP client: {0}")]
     Build(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    /// A fault of the machine (exit 1, retried), not something to edit (exit 78).
+    pub fn is_machine_fault(&self) -> bool {
+        matches!(self, ClientError::CaFileUnreadable { .. })
+    }
 }
 
 /// What to do after a failed attempt.
@@ -159,7 +173,16 @@ impl ApiClient {
                 path: path.clone(),
                 message,
             };
-            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                if crate::config::is_operators_to_fix(&e) {
+                    ca_err(e.to_string())
+                } else {
+                    ClientError::CaFileUnreadable {
+                        path: path.clone(),
+                        source: e,
+                    }
+                }
+            })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| ca_err(format!("not a PEM certificate bundle: {e}")))?;
             if certs.is_empty() {
@@ -240,7 +263,11 @@ impl ApiClient {
             .await
             .map_err(|e| Failure::new(FailureKind::Retryable, None, self.phase_error(&e)))?;
         let status = resp.status();
-        let retry_after = retry_after(resp.headers().get(RETRY_AFTER));
+        let retry_after = retry_after(
+            resp.headers().get(RETRY_AFTER),
+            resp.headers().get(DATE),
+            SystemTime::now(),
+        );
         let content_type = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -339,21 +366,58 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
+        let now = SystemTime::now();
+        let ra = |v: &HeaderValue| retry_after(Some(v), None, now);
         let v = HeaderValue::from_static("120");
-        assert_eq!(retry_after(Some(&v)), Some(Duration::from_secs(120)));
+        assert_eq!(ra(&v), Some(Duration::from_secs(120)));
         let v = HeaderValue::from_static("999999");
-        assert_eq!(retry_after(Some(&v)), Some(MAX_RETRY_AFTER));
-        let future = SystemTime::now() + Duration::from_secs(90);
+        assert_eq!(ra(&v), Some(MAX_RETRY_AFTER));
+        let future = now + Duration::from_secs(90);
         let v = HeaderValue::from_str(&httpdate::fmt_http_date(future)).unwrap();
-        let d = retry_after(Some(&v)).unwrap();
+        let d = ra(&v).unwrap();
         assert!(
             d > Duration::from_secs(85) && d <= Duration::from_secs(90),
             "{d:?}"
         );
         let past = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
-        assert_eq!(retry_after(Some(&past)), Some(Duration::ZERO));
-        assert_eq!(retry_after(Some(&HeaderValue::from_static("soon"))), None);
-        assert_eq!(retry_after(None), None);
+        assert_eq!(ra(&past), Some(Duration::ZERO));
+        assert_eq!(ra(&HeaderValue::from_static("soon")), None);
+        assert_eq!(retry_after(None, None, now), None);
+    }
+
+    /// A `Retry-After` date is measured against the response's `Date` (the server's clock on
+    /// both sides), not the local clock: a node booted a day behind waits 2 s, not the 1-hour
+    /// cap. Without `Date`, a date more than [`MAX_RETRY_AFTER`] from the local clock says
+    /// more about that clock than about the server: ignored (the usual backoff applies).
+    #[test]
+    fn retry_after_dates_do_not_trust_the_local_clock() {
+        let http = |t: SystemTime| HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap();
+        let server = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86_400);
+        let when = http(server + Duration::from_secs(2));
+        let date = http(server);
+        for local in [server - day, server, server + day] {
+            assert_eq!(
+                retry_after(Some(&when), Some(&date), local),
+                Some(Duration::from_secs(2)),
+                "local clock {local:?}"
+            );
+        }
+        // No Date: a day behind is not believed (not the hour cap); a plausible gap is.
+        assert_eq!(retry_after(Some(&when), None, server - day), None);
+        assert_eq!(
+            retry_after(Some(&when), None, server),
+            Some(Duration::from_secs(2))
+        );
+        // A Date that cannot be read counts as none.
+        let bad = HeaderValue::from_static("yesterday");
+        assert_eq!(retry_after(Some(&when), Some(&bad), server - day), None);
+        // Seconds never depend on a clock.
+        let v = HeaderValue::from_static("7");
+        assert_eq!(
+            retry_after(Some(&v), Some(&date), server - day),
+            Some(Duration::from_secs(7))
+        );
     }
 
     #[test]

@@ -99,17 +99,36 @@ pub(super) fn phase_message(
     chain.to_string()
 }
 
-/// `Retry-After` as delta-seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`].
-pub fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+/// `Retry-After` as delta-seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`]. A date is
+/// measured against the response's `Date` header (`date`: the server's clock on both sides,
+/// so a node whose own clock is wrong — before NTP, a bad RTC — waits what the server meant).
+/// Without a readable `Date` it is measured against `now` (the local clock), and a date more
+/// than [`MAX_RETRY_AFTER`] ahead is not believed (a wrong local clock, most likely): `None`,
+/// the usual backoff applies. A date in the past is zero.
+pub fn retry_after(
+    value: Option<&HeaderValue>,
+    date: Option<&HeaderValue>,
+    now: SystemTime,
+) -> Option<Duration> {
     let s = value?.to_str().ok()?.trim();
-    let d = if let Ok(secs) = s.parse::<u64>() {
-        Duration::from_secs(secs)
-    } else {
-        let when = httpdate::parse_http_date(s).ok()?;
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-    };
-    Some(d.min(MAX_RETRY_AFTER))
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+    }
+    let when = httpdate::parse_http_date(s).ok()?;
+    let server_now = date
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d.trim()).ok());
+    match server_now {
+        Some(server_now) => Some(
+            when.duration_since(server_now)
+                .unwrap_or(Duration::ZERO)
+                .min(MAX_RETRY_AFTER),
+        ),
+        None => {
+            let d = when.duration_since(now).unwrap_or(Duration::ZERO);
+            (d <= MAX_RETRY_AFTER).then_some(d)
+        }
+    }
 }
 
 /// The error and its causes on one line ("error sending request …: connection refused").

@@ -5,7 +5,6 @@ use super::Exit;
 use crate::cli::InventoryArgs;
 use crate::config::{Config, Overrides, process_env};
 use crate::inventory::{Collector, HostCollector, Inventory};
-use std::io::Write;
 
 /// Runs `inventory`: works without a config and without network.
 pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
@@ -24,7 +23,7 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
         ),
         Err(e) => {
             // A diagnostic tool goes on without the config; it says so (not an error).
-            eprintln!("exalsius-node-agent: ignoring the configuration: {e}");
+            crate::output::warn_line(&format!("ignoring the configuration: {e}"));
             ("warn".to_string(), Default::default(), None, None)
         }
     };
@@ -37,8 +36,10 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
             root.display()
         )));
     }
-    let inv = HostCollector::with_root(root, gpu_mode, nvml_library.as_deref()).collect();
-    let mut out = std::io::stdout().lock();
+    let count_unhealthy = cfg.as_ref().is_ok_and(|c| c.inventory.count_unhealthy_gpus);
+    let inv = HostCollector::with_root(root, gpu_mode, nvml_library.as_deref())
+        .count_unhealthy_gpus(count_unhealthy)
+        .collect();
     let text = if args.json {
         serde_json::to_string_pretty(&crate::api::NodePatchRequest::new(
             &inv.specs,
@@ -51,9 +52,8 @@ pub fn run(overrides: &Overrides, args: &InventoryArgs) -> Result<(), Exit> {
         Ok(render_inventory(&inv))
     };
     let text = text.map_err(|e| Exit::runtime(format!("cannot render inventory: {e}")))?;
-    // A closed pipe (`| head`) is not an error worth a message.
-    let _ = out.write_all(text.as_bytes());
-    Ok(())
+    // A closed pipe (`| head`) is not an error worth a message: a quiet exit 141.
+    crate::output::write(&text)
 }
 
 fn gib(bytes: u64) -> String {
@@ -117,6 +117,32 @@ pub fn render_inventory(inv: &Inventory) -> String {
     s
 }
 
+/// The health column: `ok`, `-` (no NVML checks: the PCI scan), or each state with
+/// "(not counted)" where it keeps the GPU out of `gpu_count` ("(counted anyway)" with
+/// `inventory.count_unhealthy_gpus`).
+fn health_cell(g: &crate::inventory::gpu::Gpu, count_unhealthy: bool) -> String {
+    if g.health.is_none() {
+        return "-".to_string();
+    }
+    let states = g.states();
+    if states.is_empty() {
+        return "ok".to_string();
+    }
+    states
+        .iter()
+        .map(|s| {
+            if s.counted() {
+                s.name().to_string()
+            } else if count_unhealthy {
+                format!("{} (counted anyway)", s.name())
+            } else {
+                format!("{} (not counted)", s.name())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The GPU table: one row per GPU.
 fn render_gpus(d: &crate::inventory::Details) -> String {
     let mut s = String::new();
@@ -125,12 +151,12 @@ fn render_gpus(d: &crate::inventory::Details) -> String {
         s.push_str("  none found\n");
     } else {
         s.push_str(&format!(
-            "  {:<3} {:<28} {:>10}  {:<42} {:<14} {}\n",
-            "#", "name", "memory", "uuid", "bus id", "MIG"
+            "  {:<3} {:<28} {:>10}  {:<42} {:<14} {:<4} {}\n",
+            "#", "name", "memory", "uuid", "bus id", "MIG", "health"
         ));
         for g in &d.gpus {
             s.push_str(&format!(
-                "  {:<3} {:<28} {:>10}  {:<42} {:<14} {}\n",
+                "  {:<3} {:<28} {:>10}  {:<42} {:<14} {:<4} {}\n",
                 g.index,
                 g.name,
                 g.memory_bytes.map_or_else(|| "unknown".to_string(), gib),
@@ -140,7 +166,8 @@ fn render_gpus(d: &crate::inventory::Details) -> String {
                     Some(true) => "on",
                     Some(false) => "off",
                     None => "-",
-                }
+                },
+                health_cell(g, d.count_unhealthy_gpus)
             ));
         }
     }

@@ -66,6 +66,9 @@ pub fn main(cli: Cli) -> u8 {
         Command::Register(args) => register::run(&overrides, &args),
         Command::ImportLegacy(args) => import_legacy::run(&overrides, &args),
         Command::Doctor(args) => doctor::run(&overrides, &args),
+        Command::NvmlProbe(args) => {
+            return crate::inventory::gpu::probe::child_main(args.library.as_deref());
+        }
     })
 }
 
@@ -75,7 +78,7 @@ pub fn exit_code(outcome: Result<(), Exit>) -> u8 {
         Ok(()) => 0,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("exalsius-node-agent: {}", f.message);
+                crate::output::warn_line(&f.message);
             }
             f.code
         }

@@ -78,16 +78,25 @@ fn local_hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-fn register_token(args: &RegisterArgs) -> Result<Secret, String> {
+/// The registration token; a file that cannot be read now (an I/O error, permissions) is a
+/// fault of the machine (exit 1), a wrong path the operator's to fix (exit 78).
+fn register_token(args: &RegisterArgs) -> Result<Secret, Exit> {
     let token = match (&args.register_token, &args.register_token_file) {
         (_, Some(path)) => std::fs::read_to_string(path)
             .map(|t| Secret::new(t.trim()))
-            .map_err(|e| format!("--register-token-file {}: {e}", path.display()))?,
+            .map_err(|e| {
+                let message = format!("--register-token-file {}: {e}", path.display());
+                if crate::config::is_operators_to_fix(&e) {
+                    Exit::config(message)
+                } else {
+                    Exit::runtime(message)
+                }
+            })?,
         (Some(t), None) => Secret::new(t.trim()),
-        (None, None) => return Err("no registration token given".to_string()),
+        (None, None) => return Err(Exit::config("no registration token given")),
     };
     if token.is_blank() {
-        return Err("the registration token is empty".to_string());
+        return Err(Exit::config("the registration token is empty"));
     }
     Ok(token)
 }
@@ -108,7 +117,7 @@ fn validate(args: &RegisterArgs) -> Result<Secret, Exit> {
             "--price-per-hour {p} must be a non-negative number"
         )));
     }
-    register_token(args).map_err(Exit::config)
+    register_token(args)
 }
 
 /// Runs `register`.
@@ -148,24 +157,24 @@ pub fn run(overrides: &Overrides, args: &RegisterArgs) -> Result<(), Exit> {
 
     let runtime = runtime()?;
     let node_id = runtime.block_on(register(&cfg, args, &token, &store, &lock))?;
-    println!("registered node {node_id} with {}", cfg.api.url);
-    println!("state written to {}", store.path().display());
+    crate::sayln!("registered node {node_id} with {}", cfg.api.url);
+    crate::sayln!("state written to {}", store.path().display());
     // A non-root user without a configured state dir registers into its own
     // $XDG_STATE_HOME, which the system service never reads.
     let users_own = !crate::perms::is_root()
         && store.dir() == crate::config::default_state_dir(&crate::config::process_env)
         && store.dir() != std::path::Path::new(crate::config::DEFAULT_STATE_DIR);
     if users_own {
-        println!(
+        crate::sayln!(
             "note: the system service reads {}, not {}: it will not see this registration; \
              to register for the service, run this command as root (sudo -E …)",
             crate::config::DEFAULT_STATE_DIR,
             store.dir().display()
         );
-        println!("next: exalsius-node-agent run   (in the foreground, as this user)");
+        crate::sayln!("next: exalsius-node-agent run   (in the foreground, as this user)");
     } else {
-        println!("next: systemctl enable --now exalsius-node-agent");
-        println!("   or: exalsius-node-agent run   (in the foreground)");
+        crate::sayln!("next: systemctl enable --now exalsius-node-agent");
+        crate::sayln!("   or: exalsius-node-agent run   (in the foreground)");
     }
     Ok(())
 }
@@ -177,9 +186,16 @@ async fn register(
     store: &StateStore,
     lock: &crate::state::StateLock,
 ) -> Result<Uuid, Exit> {
-    let client = ApiClient::new(&cfg.api).map_err(|e| Exit::config(e.to_string()))?;
+    let client = ApiClient::new(&cfg.api).map_err(|e| {
+        if e.is_machine_fault() {
+            Exit::runtime(e.to_string())
+        } else {
+            Exit::config(e.to_string())
+        }
+    })?;
     let mut stop = Stop::install();
-    let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref());
+    let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref())
+        .count_unhealthy_gpus(cfg.inventory.count_unhealthy_gpus);
     let collecting = tokio::task::spawn_blocking(move || collector.collect());
     let inventory = tokio::select! {
         biased;
@@ -463,6 +479,31 @@ impl Post<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(token_file: &str) -> RegisterArgs {
+        RegisterArgs {
+            register_token: None,
+            register_token_file: Some(std::path::PathBuf::from(token_file)),
+            endpoint: "192.168.1.1:22".into(),
+            username: "ubuntu".into(),
+            ssh_key_id: "123e4567-e89b-12d3-a456-426614174000".into(),
+            hostname: None,
+            price_per_hour: None,
+            description: None,
+            force: false,
+        }
+    }
+
+    /// The registration token file follows the class of every named file: missing or a
+    /// directory → 78 (fix the command line), an I/O error now → 1 (`/proc/self/mem` read at
+    /// offset 0 fails with EIO). Before this rule: 78 for both.
+    #[test]
+    fn a_token_file_fault_is_1_and_a_wrong_path_78() {
+        assert_eq!(validate(&args("/nonexistent/token")).unwrap_err().code, 78);
+        assert_eq!(validate(&args("/")).unwrap_err().code, 78);
+        let e = validate(&args("/proc/self/mem")).unwrap_err();
+        assert_eq!(e.code, 1, "{}", e.message);
+    }
 
     #[test]
     fn endpoints() {

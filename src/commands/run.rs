@@ -19,10 +19,10 @@ impl From<RunError> for Exit {
 }
 
 fn collector(cfg: &Config) -> Arc<dyn Collector> {
-    Arc::new(HostCollector::new(
-        cfg.inventory.gpu,
-        cfg.inventory.nvml_library.as_deref(),
-    ))
+    Arc::new(
+        HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref())
+            .count_unhealthy_gpus(cfg.inventory.count_unhealthy_gpus),
+    )
 }
 
 /// A start whose reads (the config file, the token file, the CA file, the state) take longer
@@ -111,6 +111,14 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
         // Signals first: SIGTERM stops a start whose reads hang on a mount that does not
         // answer (they run on a blocking thread, abandoned at exit).
         let (shutdown, reload) = crate::shutdown::install();
+        if mode == Mode::DryRun {
+            // A dry run whose reader went away (`| head`) stops, as a SIGTERM would stop it.
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                crate::heartbeat::sender::stdout_gone().cancelled().await;
+                stop.cancel();
+            });
+        }
         let Some(agent) = start(&shutdown, start_overrides, mode).await? else {
             eprintln!(
                 "exalsius-node-agent: stopped while starting: reading the configuration or a file it names had not finished"
@@ -138,5 +146,8 @@ pub fn run(overrides: &Overrides, args: &RunArgs) -> Result<(), Exit> {
     // are killed first.
     runtime.shutdown_background();
     crate::inventory::software::kill_running_probes();
+    if let Some(e) = crate::heartbeat::sender::stdout_error() {
+        return Err(crate::output::write_error(e));
+    }
     result
 }

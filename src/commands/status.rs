@@ -22,6 +22,9 @@ struct StatusView {
     token_expires_at: Option<String>,
     healthy: bool,
     healthy_if_success_within_seconds: u64,
+    /// Why health cannot be judged from the timestamps (the clock moved back).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 /// Runs `status`: 0 when the last success is younger than 3 × `heartbeat.interval`, else 1
@@ -34,12 +37,12 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
         Ok(Some(s)) => s,
         Ok(None) => {
             if args.json {
-                println!("{{\"healthy\":false,\"message\":\"no heartbeat recorded yet\"}}");
+                crate::outln!("{{\"healthy\":false,\"message\":\"no heartbeat recorded yet\"}}")?;
             } else {
-                println!(
+                crate::outln!(
                     "no heartbeat recorded yet ({} does not exist)",
                     store.path().display()
-                );
+                )?;
             }
             return Err(Exit::quiet());
         }
@@ -50,9 +53,9 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
     if args.json {
         let s = serde_json::to_string_pretty(&view)
             .map_err(|e| Exit::runtime(format!("cannot render the status: {e}")))?;
-        println!("{s}");
+        crate::outln!("{s}")?;
     } else {
-        print!("{}", render(&view, &state, now));
+        crate::out!("{}", render(&view, &state, now))?;
     }
     if view.healthy {
         Ok(())
@@ -62,10 +65,21 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
     }
 }
 
-/// The status of a state at `now`, healthy when the last success is younger than `limit`.
+/// How far in the future a recorded success may be and still count as "just now": clock slew
+/// and the write itself, not a jump.
+const FUTURE_SLACK: Duration = Duration::from_secs(5);
+
+/// The status of a state at `now`, healthy when the last success is younger than `limit`. A
+/// success recorded in the future (the local clock moved back since) has no age: not healthy
+/// until the next heartbeat records one by the clock as it is now.
 fn view(state: &State, limit: Duration, now: SystemTime) -> StatusView {
+    let ahead = state
+        .last_success_at
+        .and_then(|t| t.duration_since(now).ok())
+        .filter(|d| *d > FUTURE_SLACK);
     let age = state
         .last_success_at
+        .filter(|_| ahead.is_none())
         .map(|t| now.duration_since(t).unwrap_or_default());
     StatusView {
         node_id: state.node_id.to_string(),
@@ -87,6 +101,12 @@ fn view(state: &State, limit: Duration, now: SystemTime) -> StatusView {
         token_expires_at: state.token_expires_at.map(rfc3339),
         healthy: age.is_some_and(|a| a < limit),
         healthy_if_success_within_seconds: limit.as_secs(),
+        note: ahead.map(|d| {
+            format!(
+                "the last success is recorded {} in the future: the clock moved back since; health is known again after the next heartbeat",
+                short(d)
+            )
+        }),
     }
 }
 
@@ -113,7 +133,9 @@ fn render(view: &StatusView, state: &State, now: SystemTime) -> String {
         },
     };
     let limit = short(Duration::from_secs(view.healthy_if_success_within_seconds));
-    let health = if view.healthy {
+    let health = if let Some(note) = &view.note {
+        format!("UNKNOWN ({note})")
+    } else if view.healthy {
         format!("ok (last success within 3 × interval = {limit})")
     } else {
         format!("UNHEALTHY (no success within 3 × interval = {limit})")
@@ -133,4 +155,36 @@ fn render(view: &StatusView, state: &State, now: SystemTime) -> String {
 
 fn short(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::secret::Secret;
+
+    /// A last success in the future (the clock moved back since: NTP after a bad RTC) proves
+    /// nothing about now: not healthy, and the view says why. Before this rule its age was 0
+    /// and the node read healthy for as long as the clock was behind, even with the agent dead.
+    #[test]
+    fn a_success_in_the_future_is_not_health() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut s = State::new(uuid::Uuid::nil(), "http://x", Secret::new("t"), None);
+        let limit = Duration::from_secs(180);
+        s.last_success_at = Some(now - Duration::from_secs(30));
+        assert!(view(&s, limit, now).healthy);
+        s.last_success_at = Some(now + Duration::from_secs(86_400));
+        let v = view(&s, limit, now);
+        assert!(!v.healthy);
+        assert_eq!(v.last_success_age_seconds, None);
+        assert!(
+            v.note.as_deref().is_some_and(|n| n.contains("clock")),
+            "{:?}",
+            v.note
+        );
+        assert!(render(&v, &s, now).contains("in the future"));
+        // A second of slew is no jump.
+        s.last_success_at = Some(now + Duration::from_secs(1));
+        assert!(view(&s, limit, now).healthy);
+    }
 }

@@ -53,6 +53,7 @@ pub(super) struct FileInventory {
     pub(super) gpu: Option<GpuMode>,
     pub(super) nvml_library: Option<PathBuf>,
     pub(super) description: Option<String>,
+    pub(super) count_unhealthy_gpus: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,7 +4,7 @@
 //! an error and `check-config` can name the origin.
 
 use super::file::{FileApi, FileConfig, FileHeartbeat, FileInventory};
-use super::validate::{bounded, parse_uuid, validate_textfile, validate_url};
+use super::validate::{bounded, parse_uuid, validate_state_dir, validate_textfile, validate_url};
 use super::*;
 
 /// Where values come from, and the origin of each one taken.
@@ -161,13 +161,8 @@ fn api(layers: &mut Layers<'_>, file: FileApi) -> Result<ApiConfig, ConfigError>
     bounded(connect_timeout, MAX_TIMEOUT)
         .map_err(|m| layers.invalid(&layers.file, "api.connect_timeout", m))?;
     if let Some(ca) = &file.ca_file {
-        std::fs::metadata(ca).map_err(|e| {
-            layers.invalid(
-                &layers.file,
-                "api.ca_file",
-                format!("= {}: {e}", ca.display()),
-            )
-        })?;
+        std::fs::metadata(ca)
+            .map_err(|e| named_file_error(layers, "api.ca_file", ca, e, String::new()))?;
         layers.origins.push(("api.ca_file", layers.file.clone()));
     }
     Ok(ApiConfig {
@@ -180,6 +175,31 @@ fn api(layers: &mut Layers<'_>, file: FileApi) -> Result<ApiConfig, ConfigError>
         ca_file: file.ca_file,
         allow_insecure_http,
     })
+}
+
+/// A file the configuration names could not be read: 78 when the operator must edit (see
+/// [`super::is_operators_to_fix`]), else a fault of the machine (exit 1).
+fn named_file_error(
+    layers: &Layers<'_>,
+    key: &'static str,
+    path: &Path,
+    e: std::io::Error,
+    what: String,
+) -> ConfigError {
+    if super::is_operators_to_fix(&e) {
+        layers.invalid(
+            &layers.file,
+            key,
+            format!("= {}: {what}{e}", path.display()),
+        )
+    } else {
+        ConfigError::NamedFileUnreadable {
+            origin: layers.file.clone(),
+            key,
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
 }
 
 /// `api.access_token` / `api.access_token_file` (one of them), or `EXALSIUS_ACCESS_TOKEN`,
@@ -212,10 +232,12 @@ fn token(
         }
         (None, None, Some(p)) => {
             let raw = std::fs::read_to_string(&p).map_err(|e| {
-                layers.invalid(
-                    &layers.file,
+                named_file_error(
+                    layers,
                     "api.access_token_file",
-                    format!("= {}: cannot read: {e}", p.display()),
+                    &p,
+                    e,
+                    "cannot read: ".to_string(),
                 )
             })?;
             layers
@@ -289,22 +311,32 @@ fn inventory(layers: &mut Layers<'_>, file: FileInventory) -> Result<InventoryCo
         layers.file_or_default("inventory.nvml_library", file.nvml_library.map(Some), None);
     let description =
         layers.file_or_default("inventory.description", file.description.map(Some), None);
+    let count_unhealthy_gpus = layers.file_or_default(
+        "inventory.count_unhealthy_gpus",
+        file.count_unhealthy_gpus,
+        false,
+    );
     Ok(InventoryConfig {
         refresh_interval,
         gpu,
         nvml_library,
         description,
+        count_unhealthy_gpus,
     })
 }
 
 fn state_dir(layers: &mut Layers<'_>, file: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
     let flag = (layers.overrides.state_dir.clone(), "--state-dir");
-    let dir = layers
+    let (dir, origin) = layers
         .pick("state.dir", flag, Some(ENV_STATE_DIR), file, PathBuf::from)
-        .map_or_else(|| default_state_dir(layers.env), |(d, _)| d);
+        .map_or_else(
+            || (default_state_dir(layers.env), "default".to_string()),
+            |(d, o)| (d, o),
+        );
     if dir.as_os_str().is_empty() {
         return Err(layers.invalid(&layers.file, "state.dir", "is empty".to_string()));
     }
+    validate_state_dir(&dir).map_err(|m| layers.invalid(&origin, "state.dir", m))?;
     Ok(dir)
 }
 

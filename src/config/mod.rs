@@ -8,6 +8,7 @@
 mod file;
 mod layers;
 mod validate;
+pub use validate::{SHARED_DIR_BITS, is_shared_dir_mode};
 
 pub use crate::logging::LogFormat;
 pub(crate) use validate::validate_url;
@@ -106,6 +107,30 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// A file the configuration names (`api.access_token_file`, `api.ca_file`) is there but
+    /// cannot be read now: permissions that changed, an I/O error (exit 1, retried).
+    #[error("{origin}: {key} = {}: cannot read now: {source}", path.display())]
+    NamedFileUnreadable {
+        origin: String,
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// True when an I/O error on a file the configuration names is the operator's to fix (exit
+/// 78): the file is missing, something else is in its place, or its bytes are not text.
+/// Anything else (permission denied, an I/O error) is a fault of the machine (exit 1).
+pub fn is_operators_to_fix(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::NotFound
+            | ErrorKind::IsADirectory
+            | ErrorKind::NotADirectory
+            | ErrorKind::InvalidData
+    )
 }
 
 impl ConfigError {
@@ -120,6 +145,7 @@ impl ConfigError {
                 source.kind(),
                 ErrorKind::IsADirectory | ErrorKind::InvalidData
             ),
+            ConfigError::NamedFileUnreadable { .. } => true,
             _ => false,
         }
     }
@@ -246,6 +272,9 @@ pub struct InventoryConfig {
     /// Sent as `NodePatchRequest.description`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Count GPUs that NVIDIA says cannot take work (reset required, failed row remap, fabric
+    /// not ready) in `gpu_count` anyway.
+    pub count_unhealthy_gpus: bool,
 }
 
 /// `[state]`
@@ -336,6 +365,40 @@ impl Config {
     /// The effective configuration as TOML, tokens shown as `<redacted>`.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// Where `key`'s value came from, for advice ("set X in …"): its recorded origin (the
+    /// config file, an environment variable, a flag), else the config file.
+    pub fn origin_of(&self, key: &str) -> String {
+        self.origins
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or_else(|| self.file_hint(), |(_, o)| o.clone())
+    }
+
+    /// What to do for a new access token, where the configured one came from (its recorded
+    /// origin): the environment needs a restart (a reload keeps the process's environment),
+    /// a token file or the config file a reload.
+    pub fn new_token_advice(&self) -> String {
+        const RELOAD: &str = "reload: systemctl reload exalsius-node-agent";
+        let origin = self
+            .origins
+            .iter()
+            .find(|(k, _)| *k == "api.access_token")
+            .map(|(_, o)| o.as_str());
+        match (origin, &self.api.access_token_file) {
+            (Some(ENV_ACCESS_TOKEN), _) => format!(
+                "the token comes from {ENV_ACCESS_TOKEN}: set a new one where the service gets its environment (for the packaged service: systemctl edit exalsius-node-agent, Environment={ENV_ACCESS_TOKEN}=…) and restart it (a reload keeps the old environment): systemctl restart exalsius-node-agent"
+            ),
+            (_, Some(file)) => format!(
+                "put a new access token in {} (api.access_token_file) and {RELOAD}",
+                file.display()
+            ),
+            _ => format!(
+                "put a new access token in {} (api.access_token) and {RELOAD}",
+                self.file_hint()
+            ),
+        }
     }
 
     /// The file the operator should edit (for messages).

@@ -280,3 +280,65 @@ fn gpu_modes() {
     }
     assert!(err("[inventory]\ngpu = \"cuda\"\n").contains("inventory.gpu"));
 }
+
+#[test]
+fn count_unhealthy_gpus_is_off_unless_the_file_says_true() {
+    let cfg = load("", &[]).unwrap();
+    assert!(!cfg.inventory.count_unhealthy_gpus);
+    assert!(
+        !cfg.origins
+            .iter()
+            .any(|(k, _)| *k == "inventory.count_unhealthy_gpus")
+    );
+    let cfg = load("[inventory]\ncount_unhealthy_gpus = true\n", &[]).unwrap();
+    assert!(cfg.inventory.count_unhealthy_gpus);
+    assert!(
+        cfg.origins
+            .iter()
+            .any(|(k, o)| *k == "inventory.count_unhealthy_gpus" && o.contains("/etc/test.toml")),
+        "{:?}",
+        cfg.origins
+    );
+    let e = err("[inventory]\ncount_unhealthy_gpus = \"yes\"\n");
+    assert!(e.contains("count_unhealthy_gpus"), "{e}");
+}
+
+/// After a rejected token, the advice names where the token came from: the environment
+/// (a reload does not change a process's environment: restart), a token file, or the config
+/// file. Before this rule it always named the config file.
+#[test]
+fn new_token_advice_names_where_the_token_came_from() {
+    let text =
+        format!("[api]\nurl = \"https://x.example\"\nnode_id = \"{ID}\"\naccess_token = \"t\"\n");
+    let c = load(&text, &[("HOME", "/home/x")]).unwrap();
+    let a = c.new_token_advice();
+    assert!(
+        a.contains("/etc/test.toml (api.access_token)") && a.contains("reload"),
+        "{a}"
+    );
+
+    let c = load(&text, &[("HOME", "/home/x"), (ENV_ACCESS_TOKEN, "e")]).unwrap();
+    let a = c.new_token_advice();
+    assert!(
+        a.contains("EXALSIUS_ACCESS_TOKEN") && a.contains("restart"),
+        "{a}"
+    );
+    assert!(!a.contains("/etc/test.toml"), "{a}");
+    let c = load(&text, &[("HOME", "/home/x"), (ENV_NODE_ID, ID)]).unwrap();
+    assert_eq!(c.origin_of("api.node_id"), ENV_NODE_ID);
+    assert_eq!(c.origin_of("api.url"), "/etc/test.toml");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "f\n").unwrap();
+    let text = format!(
+        "[api]\nurl = \"https://x.example\"\nnode_id = \"{ID}\"\naccess_token_file = \"{}\"\n",
+        file.display()
+    );
+    let c = load(&text, &[("HOME", "/home/x")]).unwrap();
+    let a = c.new_token_advice();
+    assert!(
+        a.contains(&format!("{} (api.access_token_file)", file.display())),
+        "{a}"
+    );
+}

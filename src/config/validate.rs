@@ -45,6 +45,63 @@ pub(super) fn validate_textfile(p: &Path) -> Result<Option<String>, String> {
 static TEXTFILE_STAT: crate::bounded::Kind = crate::bounded::Kind::new();
 /// A local directory answers at once; a network mount that answers, in milliseconds.
 const TEXTFILE_STAT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Mode bits of a shared directory: writable by every user, or sticky (`/tmp`, `/var/tmp`),
+/// where anyone may create entries.
+pub const SHARED_DIR_BITS: u32 = 0o1002;
+
+/// True when `mode` (of a directory) marks a shared directory ([`SHARED_DIR_BITS`]).
+pub fn is_shared_dir_mode(mode: u32) -> bool {
+    mode & SHARED_DIR_BITS != 0
+}
+
+/// `state.dir`: never a shared directory ([`SHARED_DIR_BITS`]); directly inside one only as
+/// an existing directory of the agent's own user (`mktemp -d` makes one). The directory holds
+/// the node's credential: in `/tmp` every user can create a missing name first — a directory
+/// of their own or a symlink — between any check and the agent's `mkdir`, and the agent must
+/// not make a shared directory private (it is not its own, whoever owns it). What cannot be
+/// read now is left to the state store, which reports it when used.
+pub(super) fn validate_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .ok()
+            .filter(std::fs::Metadata::is_dir)
+            .map(|m| m.permissions().mode() & 0o7777)
+    };
+    if let Some(m) = mode(dir).filter(|&m| is_shared_dir_mode(m)) {
+        return Err(format!(
+            "= {} is a shared directory (mode {m:04o}: every user can create files in it, like /tmp); the node's token needs a directory of its own: name one outside it, e.g. {}",
+            dir.display(),
+            super::DEFAULT_STATE_DIR
+        ));
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    let Some((parent, m)) = parent.and_then(|p| Some((p, mode(p)?))) else {
+        return Ok(());
+    };
+    if !is_shared_dir_mode(m) {
+        return Ok(());
+    }
+    let me = crate::perms::current_uid();
+    let why = match std::fs::symlink_metadata(dir) {
+        Ok(d) if d.is_dir() && Some(d.uid()) == me => return Ok(()),
+        Ok(d) if d.is_dir() => format!("it belongs to uid {}, not to this user", d.uid()),
+        Ok(_) => "it is not a directory (a symlink?)".to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            "it does not exist, and another user could create it first (or a symlink by its name)"
+                .to_string()
+        }
+        Err(_) => return Ok(()),
+    };
+    Err(format!(
+        "= {} lies directly in {}, a shared directory (mode {m:04o}), and {why}: the node's token could be read; create it yourself as the agent's user (install -d -m 0700 {0}) or name a directory whose parent only root or the agent can write, e.g. {}",
+        dir.display(),
+        parent.display(),
+        super::DEFAULT_STATE_DIR
+    ))
+}
+
 /// Every duration has a range; the message names it.
 pub(super) fn bounded(d: Duration, max: Duration) -> Result<(), String> {
     if d.is_zero() {
@@ -96,4 +153,53 @@ fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// `state.dir` on a shared directory (`/tmp`: sticky, every user may create files) or
+    /// directly inside one is refused, naming why; a directory of its own is fine.
+    #[test]
+    fn a_shared_state_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        for mode in [0o1777, 0o777, 0o1755, 0o773] {
+            std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = validate_state_dir(&shared).unwrap_err();
+            assert!(e.contains("shared directory"), "{mode:o}: {e}");
+            // Missing inside it: another user could create it first.
+            let inside = shared.join("agent");
+            let e = validate_state_dir(&inside).unwrap_err();
+            assert!(e.contains("could create it first"), "{mode:o}: {e}");
+            // An existing directory of this user (`mktemp -d`): fine.
+            std::fs::create_dir(&inside).unwrap();
+            validate_state_dir(&inside).unwrap();
+            // Another user's (root only), or a symlink: refused.
+            if crate::perms::is_root() {
+                std::os::unix::fs::chown(&inside, Some(65534), Some(65534)).unwrap();
+                let e = validate_state_dir(&inside).unwrap_err();
+                assert!(e.contains("uid 65534"), "{mode:o}: {e}");
+            }
+            std::fs::remove_dir(&inside).unwrap();
+            std::os::unix::fs::symlink(tmp.path(), &inside).unwrap();
+            let e = validate_state_dir(&inside).unwrap_err();
+            assert!(e.contains("not a directory"), "{mode:o}: {e}");
+            std::fs::remove_file(&inside).unwrap();
+        }
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        validate_state_dir(&shared).unwrap();
+        validate_state_dir(&shared.join("agent")).unwrap();
+        // Not there, parent not there: created later, nothing to judge yet.
+        validate_state_dir(&tmp.path().join("a/b/c")).unwrap();
+        // The mode of a directory that is checked is never changed.
+        assert_eq!(
+            std::fs::metadata(&shared).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+    }
 }

@@ -120,15 +120,18 @@ impl Credentials {
                     && *id != s.node_id
                 {
                     return Err(format!(
-                        "api.node_id = {id} in {file} differs from the registered node {} in the state file; \
+                        "api.node_id = {id} in {} differs from the registered node {} in the state file; \
                          remove api.node_id or register again with --force",
+                        cfg.origin_of("api.node_id"),
                         s.node_id
                     ));
                 }
                 if s.api_url != cfg.api.url {
                     return Err(format!(
-                        "the node was registered with {} but api.url is {} in {file}; make them match",
-                        s.api_url, cfg.api.url
+                        "the node was registered with {} but api.url is {} in {}; make them match",
+                        s.api_url,
+                        cfg.api.url,
+                        cfg.origin_of("api.url")
                     ));
                 }
                 Ok((

@@ -96,6 +96,7 @@ impl RunError {
             | RunError::State(_)
             | RunError::RestartForDevices(_) => 1,
             RunError::Config(e) if e.is_machine_fault() => 1,
+            RunError::Client(e) if e.is_machine_fault() => 1,
             _ => crate::config::EX_CONFIG,
         }
     }
@@ -188,6 +189,10 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         );
         (Some(lock), creds)
     };
+    if lock.is_some() {
+        // A metrics file an earlier run wrote elsewhere does not outlive its configuration.
+        crate::metrics::adopt(store.dir(), cfg.metrics.textfile.as_deref());
+    }
     let metrics = match (mode, &cfg.metrics.textfile) {
         (Mode::DryRun, _) | (_, None) => None,
         (_, Some(path)) => Some(Metrics::new(

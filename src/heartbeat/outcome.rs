@@ -129,10 +129,14 @@ impl Agent {
                 let wait = self.next_wait(Verdict::Slow, now);
                 error!(
                     attempt = n,
-                    "heartbeat failed: {failure}; node {} is not in the pool at {}: check api.node_id in {}; retrying in {}",
+                    "heartbeat failed: {failure}; node {} is not in the pool at {}: check {}; retrying in {}",
                     self.creds.state().node_id,
                     self.cfg.api.url,
-                    self.cfg.file_hint(),
+                    if self.cfg.api.node_id.is_some() {
+                        format!("api.node_id in {}", self.cfg.origin_of("api.node_id"))
+                    } else {
+                        "the registration (the node id comes from the state file written by `register`)".to_string()
+                    },
                     secs(wait)
                 );
                 wait
@@ -185,10 +189,7 @@ impl Agent {
             AfterRejection::RetrySlowly { switched } => {
                 let wait = self.next_wait(Verdict::Slow, now);
                 let what_to_do = if self.creds.configured().is_some() {
-                    format!(
-                        "if this persists, put a new access token in {} (api.access_token) and reload: systemctl reload exalsius-node-agent",
-                        self.cfg.file_hint()
-                    )
+                    format!("if this persists, {}", self.cfg.new_token_advice())
                 } else {
                     "if this persists, this node's registration is no longer accepted: re-register it with `exalsius-node-agent register --force …` (stop the service first)".to_string()
                 };

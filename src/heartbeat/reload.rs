@@ -52,8 +52,17 @@ impl Agent {
         if let Err(e) = crate::logging::reconfigure(&cfg.log.level, cfg.log.format) {
             debug!("reload: logging unchanged: {e}");
         }
-        let inv = (&cfg.inventory.gpu, &cfg.inventory.nvml_library);
-        if inv != (&self.cfg.inventory.gpu, &self.cfg.inventory.nvml_library)
+        let inv = (
+            &cfg.inventory.gpu,
+            &cfg.inventory.nvml_library,
+            cfg.inventory.count_unhealthy_gpus,
+        );
+        let was = (
+            &self.cfg.inventory.gpu,
+            &self.cfg.inventory.nvml_library,
+            self.cfg.inventory.count_unhealthy_gpus,
+        );
+        if inv != was
             && let Some(build) = collectors
         {
             info!(gpu = ?cfg.inventory.gpu, "reload: GPU discovery reconfigured");
@@ -81,13 +90,21 @@ impl Agent {
             (Some(m), Some(p)) if m.path() == p => m.set_interval(cfg.heartbeat.interval),
             (_, Some(p)) => {
                 info!(textfile = %p.display(), "reload: metrics file set");
-                self.metrics = Some(Metrics::new(
+                let old = self.metrics.replace(Metrics::new(
                     p,
                     cfg.heartbeat.interval,
                     Some(self.creds.state()),
                 ));
+                if let Some(old) = old {
+                    old.retire();
+                }
             }
-            (_, None) => self.metrics = None,
+            (_, None) => {
+                if let Some(old) = self.metrics.take() {
+                    old.retire();
+                }
+            }
         }
+        crate::metrics::adopt_off_runtime(self.store.dir(), cfg.metrics.textfile.as_deref());
     }
 }

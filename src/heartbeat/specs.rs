@@ -53,6 +53,7 @@ impl Agent {
         }
         if let Some(m) = &mut self.metrics {
             m.inventory(inv.specs.hardware.gpu_count, took);
+            m.gpu_states(&inv.details.gpus);
             if inv.details.nvml_failed {
                 m.inventory_error("nvml");
             }

@@ -1,8 +1,11 @@
-//! CPU: logical CPU count of the host (`nproc --all`), model, sockets, physical cores.
+//! CPU: logical CPUs of the host that can run work (online), model, sockets, physical cores.
 //!
 //! Read from `/sys/devices/system/cpu` and `/proc/cpuinfo` under a root directory, so tests run
 //! against fixture trees. The count is the host's, not the agent's affinity mask or cgroup
-//! quota: the pool schedules the whole machine.
+//! quota: the pool schedules the whole machine. It is the *online* CPUs
+//! (`/sys/devices/system/cpu/online`, what `getconf _NPROCESSORS_ONLN` reads): a CPU present
+//! but offline — SMT switched off with `nosmt` or `smt/control`, a core taken offline by hand
+//! — runs nothing.
 
 use serde::Serialize;
 use std::collections::HashSet;
@@ -25,12 +28,14 @@ pub struct CpuInfo {
 pub fn collect(root: &Path) -> CpuInfo {
     let cpuinfo = std::fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();
     let parsed = parse_cpuinfo(&cpuinfo);
-    let logical = count_sys_cpus(root)
-        .or_else(|| {
-            std::fs::read_to_string(root.join("sys/devices/system/cpu/present"))
-                .ok()
-                .and_then(|s| count_cpu_list(&s))
-        })
+    let list = |name: &str| {
+        std::fs::read_to_string(root.join("sys/devices/system/cpu").join(name))
+            .ok()
+            .and_then(|s| count_cpu_list(&s))
+    };
+    let logical = list("online")
+        .or_else(|| count_sys_cpus(root))
+        .or_else(|| list("present"))
         .or((parsed.processors > 0).then_some(parsed.processors))
         .or_else(|| {
             // Last resort; limited by affinity, but better than nothing.
@@ -47,7 +52,8 @@ pub fn collect(root: &Path) -> CpuInfo {
     }
 }
 
-/// Counts `cpuN` directories, as glibc's `get_nprocs_conf` (and so `nproc --all`) does.
+/// Counts `cpuN` directories whose `online` file is not `0` (cpu0 on x86 has no such file: it
+/// cannot go offline); for trees without the `online` list.
 fn count_sys_cpus(root: &Path) -> Option<u32> {
     let entries = std::fs::read_dir(root.join("sys/devices/system/cpu")).ok()?;
     let n = entries
@@ -57,6 +63,8 @@ fn count_sys_cpus(root: &Path) -> Option<u32> {
             let name = name.to_string_lossy();
             name.strip_prefix("cpu")
                 .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+                && std::fs::read_to_string(e.path().join("online"))
+                    .map_or(true, |o| o.trim() != "0")
         })
         .count();
     u32::try_from(n).ok().filter(|&n| n > 0)
@@ -163,10 +171,41 @@ mod tests {
         assert_eq!(p.model.as_deref(), Some("AMD EPYC 9654 96-Core Processor"));
     }
 
+    /// A 16-thread host with SMT switched off (`nosmt`, `smt/control` = `off`): 8 CPUs online,
+    /// 16 present. Before this rule: 16.
     #[test]
-    fn matches_nproc_all_on_this_host() {
-        let Ok(out) = std::process::Command::new("nproc").arg("--all").output() else {
-            return; // no coreutils: nothing to compare with
+    fn offline_cpus_are_not_counted() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/smt-off");
+        let got = collect(&root);
+        assert_eq!(got.logical, 8);
+        assert_eq!(got.physical_cores, Some(8));
+    }
+
+    /// Without the `online` list (an odd tree), each `cpuN/online` decides; cpu0 has none on
+    /// x86 (it cannot go offline) and counts.
+    #[test]
+    fn per_cpu_online_files_decide_without_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = dir.path().join("sys/devices/system/cpu");
+        for i in 0..4 {
+            std::fs::create_dir_all(cpu.join(format!("cpu{i}"))).unwrap();
+            if i > 0 {
+                let on = if i % 2 == 1 { "0\n" } else { "1\n" };
+                std::fs::write(cpu.join(format!("cpu{i}/online")), on).unwrap();
+            }
+        }
+        std::fs::write(cpu.join("present"), "0-3\n").unwrap();
+        assert_eq!(collect(dir.path()).logical, 2);
+    }
+
+    /// glibc's `_NPROCESSORS_ONLN` reads the same `online` list.
+    #[test]
+    fn matches_online_processors_on_this_host() {
+        let Ok(out) = std::process::Command::new("getconf")
+            .arg("_NPROCESSORS_ONLN")
+            .output()
+        else {
+            return; // no getconf: nothing to compare with
         };
         let want: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert_eq!(collect(Path::new("/")).logical, want);

@@ -34,6 +34,8 @@ pub struct Details {
     pub gpus: Vec<gpu::Gpu>,
     /// Notes on GPU discovery ("NVML: library not found", …).
     pub gpu_notes: Vec<String>,
+    /// `inventory.count_unhealthy_gpus`: GPUs in a not-counted health state are counted.
+    pub count_unhealthy_gpus: bool,
     /// NVML is there but failed in this collection (counted by the metrics).
     #[serde(skip)]
     pub nvml_failed: bool,
@@ -63,6 +65,7 @@ pub trait Collector: Send + Sync + 'static {
 pub struct HostCollector {
     root: PathBuf,
     gpu: gpu::GpuProbe,
+    count_unhealthy: bool,
 }
 
 impl HostCollector {
@@ -77,7 +80,16 @@ impl HostCollector {
         Self {
             root: root.to_path_buf(),
             gpu: gpu::GpuProbe::new(gpu_mode, root, nvml_library),
+            count_unhealthy: false,
         }
+    }
+
+    /// Counts every GPU in `gpu_count` whatever its health (`inventory.count_unhealthy_gpus`).
+    #[must_use]
+    pub fn count_unhealthy_gpus(mut self, on: bool) -> Self {
+        self.gpu = self.gpu.count_unhealthy_gpus(on);
+        self.count_unhealthy = on;
+        self
     }
 }
 
@@ -111,7 +123,7 @@ impl Collector for HostCollector {
         } else {
             (disks.iter().map(|d| d.bytes).sum(), "disks")
         };
-        let summary = gpu::summarise(&gpu_report.gpus);
+        let summary = gpu::summarise_with(&gpu_report.gpus, self.count_unhealthy);
         let specs = NodeSpecs {
             hardware: NodeHardware {
                 gpu_count: summary.count,
@@ -142,6 +154,7 @@ impl Collector for HostCollector {
                 storage_source,
                 gpus: gpu_report.gpus,
                 gpu_notes: gpu_report.notes,
+                count_unhealthy_gpus: self.count_unhealthy,
                 nvml_failed: gpu_report.nvml_failed,
                 device_policy_refused: gpu_report.device_policy_refused,
             },

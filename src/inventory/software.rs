@@ -39,6 +39,19 @@ fn running() -> std::sync::MutexGuard<'static, Vec<(u64, Arc<Mutex<Child>>)>> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Registers a probe child started elsewhere (the NVML probe), so that exit kills it too;
+/// returns the id for [`untrack`].
+pub(crate) fn track(child: Arc<Mutex<Child>>) -> u64 {
+    let id = NEXT_PROBE.fetch_add(1, Ordering::Relaxed);
+    running().push((id, child));
+    id
+}
+
+/// Forgets a child registered with [`track`] (it has been reaped).
+pub(crate) fn untrack(id: u64) {
+    running().retain(|(i, _)| *i != id);
+}
+
 /// Kills and reaps every probe child still running (at exit).
 pub fn kill_running_probes() {
     let children = std::mem::take(&mut *running());

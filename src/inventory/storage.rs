@@ -10,7 +10,12 @@
 //! in sysfs, so they are not counted again; device-mapper and md devices are views of disks
 //! already counted. Multipath counts once: a SCSI disk held by a multipath map (a `dm-*` whose
 //! `dm/uuid` starts with `mpath-`) is a path, and the map is counted instead; NVMe's hidden
-//! per-controller paths (`nvmeXcYnZ`) are skipped, the namespace head (`nvmeXnY`) counts. When
+//! per-controller paths (`nvmeXcYnZ`) are skipped, the namespace head (`nvmeXnY`) counts —
+//! the kernel files it under `/sys/devices/virtual/nvme-subsystem/`, yet it is a local disk
+//! when every controller of its subsystem is on PCIe (NVMe over TCP, RDMA or FC is remote
+//! storage: out, with or without multipath). Remote SCSI is out for the same reason: an iSCSI
+//! LUN (below its `session`) or a Fibre Channel SAN LUN (below `rport-*`), and a multipath map
+//! whose paths are all such LUNs. When
 //! no disk is found (some containers, VMs with odd drivers), the root filesystem's size is used
 //! instead.
 
@@ -22,10 +27,80 @@ const VIRTUAL_PREFIXES: &[&str] = &[
     "loop", "ram", "zram", "dm-", "md", "nbd", "rbd", "zd", "bcache", "drbd", "sr", "fd",
 ];
 
-/// True when `/sys/block/{name}` points into `/sys/devices/virtual/` (no hardware behind it).
+/// True when `/sys/block/{name}` points into `/sys/devices/virtual/` (no hardware behind it),
+/// except an NVMe multipath head on local controllers ([`is_local_nvme_head`]).
 fn is_virtual(block: &Path, name: &str) -> bool {
-    std::fs::read_link(block.join(name))
-        .is_ok_and(|target| target.components().any(|c| c.as_os_str() == "virtual"))
+    std::fs::read_link(block.join(name)).is_ok_and(|target| {
+        target.components().any(|c| c.as_os_str() == "virtual")
+            && !is_local_nvme_head(block, name, &target)
+    })
+}
+
+/// True when `/sys/block/{name}` sits below a remote SCSI transport: an iSCSI session
+/// (`…/session3/target…`) or a Fibre Channel remote port (`…/rport-5:0-0/…`): a LUN of a storage
+/// array elsewhere, like NVMe over fabrics. Local SAS and SATA disks sit below `port-`/`ata`.
+fn is_remote_scsi(block: &Path, name: &str) -> bool {
+    std::fs::read_link(block.join(name)).is_ok_and(|target| {
+        target.components().any(|c| {
+            let c = c.as_os_str().to_string_lossy();
+            c.starts_with("rport-")
+                || c.strip_prefix("session")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+    })
+}
+
+/// True for a multipath map whose paths (`slaves/`) are all remote ([`is_remote_scsi`]).
+fn is_remote_map(block: &Path, name: &str) -> bool {
+    let Ok(slaves) = std::fs::read_dir(block.join(name).join("slaves")) else {
+        return false;
+    };
+    let names: Vec<String> = slaves
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    !names.is_empty() && names.iter().all(|n| is_remote_scsi(block, n))
+}
+
+/// NVMe transport of a controller in the same chassis (`/sys/class/nvme/nvmeX/transport`);
+/// `tcp`, `rdma`, `fc` and `loop` are storage elsewhere (or a view of it).
+const NVME_LOCAL_TRANSPORT: &str = "pcie";
+
+/// True for an NVMe native-multipath namespace head (`/sys/block/nvmeXnY` →
+/// `…/devices/virtual/nvme-subsystem/nvme-subsysX/nvmeXnY`) whose subsystem's controllers
+/// (the `nvmeN` links beside it) all sit on PCIe: one local disk with several ports. A head
+/// with any fabrics controller (NVMe over TCP, RDMA, FC) is remote storage; one with no
+/// controller found is not counted (nothing shows it is local).
+fn is_local_nvme_head(block: &Path, name: &str, target: &Path) -> bool {
+    let mut parents = target.components().rev().skip(1);
+    let subsys = parents.next().map(|c| c.as_os_str().to_string_lossy());
+    let kind = parents.next().map(|c| c.as_os_str().to_string_lossy());
+    if kind.as_deref() != Some("nvme-subsystem")
+        || !subsys.is_some_and(|s| s.starts_with("nvme-subsys"))
+    {
+        return false;
+    }
+    let Some(subsys_dir) = block.join(name).join("..").canonicalize().ok() else {
+        return false;
+    };
+    let Ok(entries) = std::fs::read_dir(&subsys_dir) else {
+        return false;
+    };
+    let transports: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("nvme")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| {
+            std::fs::read_to_string(e.path().join("transport"))
+                .map(|t| t.trim().to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    !transports.is_empty() && transports.iter().all(|t| t == NVME_LOCAL_TRANSPORT)
 }
 /// `size` in sysfs counts 512-byte sectors regardless of the device's sector size.
 const SECTOR: u64 = 512;
@@ -83,6 +158,9 @@ pub fn disks(root: &Path) -> Vec<Disk> {
                 return None;
             }
             if is_nvme_path(&name) || read("hidden").is_some_and(|h| h.trim() == "1") {
+                return None;
+            }
+            if is_remote_scsi(&block, &name) || (map && is_remote_map(&block, &name)) {
                 return None;
             }
             // A path of a multipath map: the map is counted instead.
@@ -175,6 +253,46 @@ mod tests {
         assert_eq!(gb_rounded(bytes), 1000);
         assert!(is_virtual(&root.join("sys/block"), "sdz"));
         assert!(!is_virtual(&root.join("sys/block"), "nvme0n1"));
+    }
+
+    /// A DGX-class host as the kernel lays it out with NVMe native multipath (the Ubuntu and
+    /// RHEL default): two single-port 1.92 TB boot drives under their PCI controllers, four
+    /// dual-port 3.84 TB drives whose heads the kernel files under
+    /// `/sys/devices/virtual/nvme-subsystem/`, one NVMe/TCP multipath namespace and one
+    /// NVMe/RDMA namespace (remote: out). Before this rule: 3841 GB.
+    /// Generated by `tests/fixtures/gen/nvme-multipath.sh`.
+    #[test]
+    fn nvme_multipath_heads_are_local_disks_and_fabrics_are_not() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/dgx-nvme");
+        let got = disks(&root);
+        let names: Vec<&str> = got.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "nvme0n1", "nvme1n1", "nvme2n1", "nvme4n1", "nvme6n1", "nvme8n1"
+            ]
+        );
+        assert_eq!(gb_rounded(got.iter().map(|d| d.bytes).sum()), 19204);
+    }
+
+    /// Only multipath disks: they are found, so the root filesystem is not the fallback.
+    #[test]
+    fn only_multipath_nvme_is_still_found() {
+        let root =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/nvme-multipath-only");
+        let got: Vec<String> = disks(&root).into_iter().map(|d| d.name).collect();
+        assert_eq!(got, vec!["nvme2n1".to_string()]);
+    }
+
+    /// Remote block storage over SCSI transports is another machine's, as NVMe-oF is: an
+    /// iSCSI LUN (below its `session`) and a Fibre Channel SAN LUN (below `rport-*`), also
+    /// joined by a multipath map, are out; the local SAS disk counts. Generated by
+    /// `tests/fixtures/gen/san.sh`. Before this rule: 31923 GB instead of 1920.
+    #[test]
+    fn iscsi_and_fibre_channel_luns_are_remote() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/san");
+        let got: Vec<String> = disks(&root).into_iter().map(|d| d.name).collect();
+        assert_eq!(got, vec!["sda".to_string()]);
     }
 
     #[test]

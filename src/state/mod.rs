@@ -364,6 +364,16 @@ impl StateStore {
                         meta.uid()
                     )));
                 }
+                let full = meta.permissions().mode() & 0o7777;
+                if crate::config::is_shared_dir_mode(full) {
+                    // `/tmp` is root's, yet never the agent's to make private.
+                    return Err(io(
+                        "refusing to use",
+                        std::io::Error::other(format!(
+                            "it is a shared directory (mode {full:04o}, like /tmp): its mode is not the agent's to change; name a directory of its own as state.dir"
+                        )),
+                    ));
+                }
                 if mode & 0o077 != 0 {
                     fs::set_permissions(&self.dir, fs::Permissions::from_mode(DIR_MODE))
                         .map_err(|e| io("cannot tighten permissions of", e))?;

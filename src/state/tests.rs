@@ -38,6 +38,24 @@ fn round_trip_with_modes() {
     assert_eq!(names.len(), 1);
 }
 
+/// A shared directory (sticky or writable by every user: `/tmp`) is never the agent's to
+/// tighten, even when it owns it (root and a root-owned `/tmp`): refused, its mode unchanged.
+#[test]
+fn a_shared_directory_is_never_tightened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    fs::create_dir(&dir).unwrap();
+    let store = StateStore::new(&dir);
+    for mode in [0o1777, 0o777, 0o1700, 0o1755] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+        let got = store.ensure_dir();
+        let now = fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(now, mode, "{mode:04o}: the mode was changed");
+        let e = got.unwrap_err().to_string();
+        assert!(e.contains("shared directory"), "{mode:04o}: {e}");
+    }
+}
+
 #[test]
 fn open_dir_and_file_are_tightened() {
     let tmp = tempfile::tempdir().unwrap();

@@ -249,7 +249,7 @@ fn check_config_names_the_origin_of_each_value() {
     )
     .unwrap();
     let out = agent_cmd()
-        .args(["check-config", "--state-dir", "/tmp/flag-state"])
+        .args(["check-config", "--state-dir", "/var/lib/flag-state"])
         .env("EXALSIUS_AGENT_CONFIG", &cfg)
         .env("EXALSIUS_API_URL", "https://env.example/v1")
         .output()
@@ -344,6 +344,149 @@ fn machine_faults_exit_1_and_what_the_operator_must_edit_exits_78() {
             let t = text(&out);
             assert_eq!(out.status.code(), Some(code), "{name} {args:?}: {t}");
             assert!(t.contains(says), "{name} {args:?}: {t}");
+            assert!(!t.contains("panicked"), "{name}: {t}");
+        }
+    }
+}
+
+/// A reader that goes away (`| head -c10`) ends every command that prints quietly: exit 141
+/// (128 + SIGPIPE, what the shell reports for any Unix tool a closed pipe stops), no panic
+/// (101), no error line; `run --dry-run` stops instead of running on. Before this rule:
+/// `status`, `status --json`, `check-config`, `doctor`, `inventory` exited 101 and dry-run
+/// never exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_every_command_quietly() {
+    use std::process::Stdio;
+    let (_api, agent) = setup_with("").await;
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["check-config"],
+        &["doctor"],
+        &["doctor", "--json"],
+        &["inventory"],
+        &["inventory", "--json"],
+        &["run", "--dry-run"],
+    ] {
+        // The reader is gone before the command starts: no race with its first write.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut child = clean_command()
+            .arg("--config")
+            .arg(agent.config_path())
+            .args(args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + slack(20 * SECOND);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("{args:?} ran on with its reader gone");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(141), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Exit 78 (the operator must edit) for every file the configuration names when its content
+/// or shape is wrong — missing, a directory, not a certificate — and 1 (a fault of the
+/// machine, retried by systemd) when it cannot be read now. Run as `nobody`, as the packaged
+/// service is. Before this rule an unreadable token or CA file exited 78.
+#[test]
+fn files_the_config_names_exit_78_for_what_to_edit_and_1_for_a_fault() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(home) = NobodyHome::new() else {
+        return;
+    };
+    let dir = home.dir.path();
+    let file = |name: &str, body: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let token_ok = file("token", "t\n", 0o644);
+    let unreadable_token = file("token-root", "t\n", 0o600);
+    let unreadable_ca = file("ca-root.pem", "x", 0o600);
+    let garbage_ca = file("ca-garbage.pem", "not a certificate", 0o644);
+    let open_dir = dir.join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = dir.join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::write(closed.join("ca.pem"), "x").unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let cases = [
+        (
+            "token file unreadable",
+            format!("access_token_file = \"{}\"", unreadable_token.display()),
+            1,
+        ),
+        (
+            "token file missing",
+            format!("access_token_file = \"{}\"", dir.join("nope").display()),
+            78,
+        ),
+        (
+            "token file is a directory",
+            format!("access_token_file = \"{}\"", open_dir.display()),
+            78,
+        ),
+        (
+            "CA file unreadable",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                unreadable_ca.display()
+            ),
+            1,
+        ),
+        (
+            "CA file behind a closed directory",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                closed.join("ca.pem").display()
+            ),
+            1,
+        ),
+        (
+            "CA file not a certificate",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                garbage_ca.display()
+            ),
+            78,
+        ),
+        (
+            "CA file missing",
+            format!(
+                "access_token_file = \"{}\"\nca_file = \"{}\"",
+                token_ok.display(),
+                dir.join("nope.pem").display()
+            ),
+            78,
+        ),
+    ];
+    for (i, (name, api, code)) in cases.iter().enumerate() {
+        let cfg = home.write_config(&format!(
+            "[api]\nurl = \"http://127.0.0.1:9/v1\"\nnode_id = \"0d9c2f4e-8a51-4c1b-9e62-3f7a1b2c4d5e\"\n{api}\n[inventory]\ngpu = \"off\"\n[state]\ndir = \"{}\"\n",
+            dir.join(format!("s{i}")).display()
+        ));
+        for args in [&["run", "--once"][..], &["check-config"]] {
+            let out = home.command(&cfg, args).output().unwrap();
+            let t = text(&out);
+            assert_eq!(out.status.code(), Some(*code), "{name} {args:?}: {t}");
             assert!(!t.contains("panicked"), "{name}: {t}");
         }
     }

@@ -508,3 +508,25 @@ async fn dry_run_prints_valid_bodies_and_sends_nothing() {
     assert_eq!(api.count(), 0);
     assert!(!agent.state_file().exists());
 }
+
+/// The advice after a rejected token names where the token came from: with
+/// `EXALSIUS_ACCESS_TOKEN`, the environment and a restart, not the config file (editing it
+/// would change nothing). Before this rule it named the config file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_token_from_the_environment_is_advised_there() {
+    let api = StandIn::start().await;
+    api.with(|s| s.accepted.clear());
+    let mut agent = Agent::new();
+    agent.write_config(&config_text(&api.url(), ""));
+    agent.spawn_env(&[], &[("EXALSIUS_ACCESS_TOKEN", "from-the-environment")]);
+    agent
+        .wait_output("access token was rejected", 10 * SECOND)
+        .await;
+    agent.stop();
+    let out = agent.all_output();
+    assert!(
+        out.contains("the token comes from EXALSIUS_ACCESS_TOKEN") && out.contains("restart"),
+        "{out}"
+    );
+    assert!(!out.contains("(api.access_token) and reload"), "{out}");
+}

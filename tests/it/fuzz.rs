@@ -104,7 +104,11 @@ fn check_text_parsers(text: &str) {
     let _ = pci::normalize_bus_id(text);
     let _ = exalsius_node_agent::commands::register::validate_endpoint(text);
     if let Ok(v) = reqwest::header::HeaderValue::from_str(text) {
-        let _ = exalsius_node_agent::api::client::retry_after(Some(&v));
+        let _ = exalsius_node_agent::api::client::retry_after(
+            Some(&v),
+            Some(&v),
+            std::time::SystemTime::now(),
+        );
     }
 }
 

@@ -129,6 +129,12 @@ fn refusals_change_nothing() {
         assert_eq!(std::fs::read_to_string(&from).unwrap(), body);
     }
 
+    // Bytes that are not text: the file's content, 78 (was 1).
+    let bin = agent.dir.path().join("binary.env");
+    std::fs::write(&bin, b"NODE_ID=\xff\xfe\n").unwrap();
+    let out = agent.output(&["import-legacy", "--from", bin.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+
     // A directory where the file should be; a missing file.
     let dir = agent.dir.path().join("adir");
     std::fs::create_dir(&dir).unwrap();

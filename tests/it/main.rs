@@ -17,6 +17,7 @@ mod hung_fs;
 mod import_legacy;
 mod metrics;
 mod notify;
+mod nvml_real;
 mod outside_text;
 mod register;
 mod reliability;

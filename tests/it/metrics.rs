@@ -36,7 +36,7 @@ fn python() -> Option<&'static str> {
 
 /// The samples of the file as a real parser reads them: "name{labels}" → value, plus the
 /// metric types. `None` (test skipped) only outside CI when no parser is installed.
-fn parse(path: &Path) -> Option<(BTreeMap<String, f64>, BTreeMap<String, String>)> {
+pub(crate) fn parse(path: &Path) -> Option<(BTreeMap<String, f64>, BTreeMap<String, String>)> {
     let Some(py) = python() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -322,4 +322,80 @@ fn the_readme_alert_rules_are_tested_rules() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A file the agent writes for others does not outlive the configuration that asked for it:
+/// a reload that moves `metrics.textfile` removes the old file, one that switches metrics off
+/// removes the file (node_exporter would serve its frozen figures for ever). Before this rule
+/// both stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_file_goes_when_its_configuration_goes() {
+    let (api, mut agent) = setup().await;
+    let file = metrics_config(&agent, &api.url());
+    agent.spawn(&[]);
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + slack(10 * SECOND);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}\n{}",
+                agent.all_output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait("no metrics file", &|| file.exists());
+    let moved = file.with_file_name("moved.prom");
+    agent.write_config(&config_text(
+        &api.url(),
+        &format!("[metrics]\ntextfile = \"{}\"\n", moved.display()),
+    ));
+    agent.signal("HUP");
+    wait("the old file stayed after a move", &|| {
+        moved.exists() && !file.exists()
+    });
+    agent.write_config(&config_text(&api.url(), ""));
+    agent.signal("HUP");
+    wait("the file stayed with metrics off", &|| !moved.exists());
+    let (st, _) = agent.stop();
+    assert!(st.success());
+}
+
+/// The same across restarts: the agent records the metrics file it writes (in its state
+/// directory), and a start whose configuration names another file, or none, removes the one
+/// an earlier run wrote. Before this rule it stayed, frozen.
+#[test]
+fn a_metrics_file_goes_when_a_restart_drops_it() {
+    let api_url = "http://127.0.0.1:9/v1";
+    let agent = Agent::new();
+    let file = metrics_config(&agent, api_url);
+    let out = agent.output(&["run", "--once"]);
+    assert!(file.exists(), "{}", text(&out));
+    let moved = file.with_file_name("moved.prom");
+    agent.write_config(&config_text(
+        api_url,
+        &format!("[metrics]\ntextfile = \"{}\"\n", moved.display()),
+    ));
+    let out = agent.output(&["run", "--once"]);
+    assert!(moved.exists() && !file.exists(), "{}", text(&out));
+    agent.write_config(&config_text(api_url, ""));
+    let out = agent.output(&["run", "--once"]);
+    assert!(!moved.exists(), "{}", text(&out));
+    // Dry runs write no metrics and remove nothing.
+    let again = metrics_config(&agent, api_url);
+    let _ = agent.output(&["run", "--once"]);
+    assert!(again.exists());
+    agent.write_config(&config_text(api_url, ""));
+    // A dry run with no reader ends at its first body (exit 141).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let st = clean_command()
+        .arg("--config")
+        .arg(agent.config_path())
+        .args(["run", "--dry-run"])
+        .stdout(std::process::Stdio::from(writer))
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(141));
+    assert!(again.exists(), "a dry run removed the metrics file");
 }

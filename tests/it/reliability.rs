@@ -462,6 +462,50 @@ async fn wall_clock_jumps_do_not_disturb_the_schedule() {
     assert!(agent.all_output().contains("heartbeat ok"));
 }
 
+/// A node whose clock is a day behind (libfaketime) gets a 503 with `Retry-After` as an HTTP
+/// date 3 s ahead of the server's clock: it retries after about 3 s, measured against the
+/// answer's `Date`, not after the 1-hour cap its own clock would give. Before this rule: no
+/// retry within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_date_is_read_on_the_servers_clock() {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libfaketime is installed by .ci/run (apt-get install faketime)");
+    let api = StandIn::start().await;
+    let when = std::time::SystemTime::now() + Duration::from_secs(3);
+    api.with(|s| {
+        s.script.push_back(Scripted::StatusWithHeader(
+            503,
+            "retry-after",
+            httpdate::fmt_http_date(when),
+        ))
+    });
+    let mut agent = Agent::new();
+    agent.write_config(&config_text(&api.url(), ""));
+    agent.spawn_env(
+        &[],
+        &[
+            NO_TOOLS,
+            ("LD_PRELOAD", lib),
+            ("FAKETIME", "-1d"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let seen = api.wait_requests(2, slack(10 * SECOND)).await;
+    agent.stop();
+    assert_eq!(seen[0].status, 503);
+    let gap = seen[1].at - seen[0].at;
+    assert!(
+        gap >= Duration::from_millis(1500) && gap < slack(6 * SECOND),
+        "retried after {gap:?}\n{}",
+        agent.all_output()
+    );
+}
+
 /// 6. HTTPS_PROXY is used (CONNECT through a local proxy); NO_PROXY bypasses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_proxy_and_no_proxy_are_honoured() {

@@ -753,6 +753,10 @@ pub fn build_fake_nvml_with(cc: &str, dir: &Path, conf: &str) -> PathBuf {
 
 /// The stub compiled with extra flags (`-DNO_MEMORY_V2`: a driver before R510).
 pub fn build_fake_nvml_flags(cc: &str, dir: &Path, conf: &str, flags: &[&str]) -> PathBuf {
+    // Collectors built in this (test) process start the agent binary as their NVML probe.
+    exalsius_node_agent::inventory::gpu::probe::set_program(Path::new(env!(
+        "CARGO_BIN_EXE_exalsius-node-agent"
+    )));
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fake_nvml.c");
     let lib = dir.join("libnvidia-ml.so.1");
     let out = Command::new(cc)

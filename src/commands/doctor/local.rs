@@ -59,6 +59,9 @@ pub fn config_check(cfg: &Config, user: &ServiceUser) -> Check {
     }
 }
 
+/// How far in the future a recorded success may be and still be "just now" (slew, not a jump).
+const CLOCK_SLACK: Duration = Duration::from_secs(5);
+
 fn ago(now: SystemTime, t: SystemTime) -> String {
     let d = now.duration_since(t).unwrap_or_default();
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
@@ -83,6 +86,7 @@ pub fn heartbeat_checks(cfg: &Config) -> Vec<Check> {
         &s,
         cfg.heartbeat.interval,
         SystemTime::now(),
+        &cfg.new_token_advice(),
     ));
     out
 }
@@ -90,7 +94,14 @@ pub fn heartbeat_checks(cfg: &Config) -> Vec<Check> {
 /// The last-heartbeat and token lines for a state, pure.
 /// (Long: two checks with their wording side by side; splitting them would separate the
 /// health limit from the message that quotes it.)
-pub fn heartbeat_lines(s: &State, interval: Duration, now: SystemTime) -> Vec<Check> {
+/// `token_advice` says where a new token goes (`Config::new_token_advice`: the environment,
+/// a token file or the config file).
+pub fn heartbeat_lines(
+    s: &State,
+    interval: Duration,
+    now: SystemTime,
+    token_advice: &str,
+) -> Vec<Check> {
     let limit = interval.saturating_mul(3);
     let limit_text = humantime::format_duration(limit);
     let failing = match (&s.last_error, s.last_attempt_at) {
@@ -106,11 +117,21 @@ pub fn heartbeat_lines(s: &State, interval: Duration, now: SystemTime) -> Vec<Ch
         .as_deref()
         .is_some_and(|e| e.contains("401") || e.contains("403"))
     {
-        "the token was rejected: a new api.access_token (then systemctl reload exalsius-node-agent), or register --force"
+        format!("the token was rejected: {token_advice}; or register --force")
     } else {
-        "see the service and API checks; journalctl -u exalsius-node-agent"
+        "see the service and API checks; journalctl -u exalsius-node-agent".to_string()
     };
     let beat = match s.last_success_at {
+        // Recorded in the future: the clock moved back since; its age proves nothing.
+        Some(t) if t.duration_since(now).is_ok_and(|d| d > CLOCK_SLACK) => Check::warn(
+            "last heartbeat",
+            format!(
+                "last success recorded at {}, {} in the future: the clock moved back since; health is known again after the next heartbeat{failing}",
+                rfc3339(t),
+                ago(t, now)
+            ),
+            "check the clock (timedatectl); run doctor again after the next heartbeat",
+        ),
         Some(t) if now.duration_since(t).unwrap_or_default() < limit => Check::ok(
             "last heartbeat",
             format!(
@@ -125,12 +146,12 @@ pub fn heartbeat_lines(s: &State, interval: Duration, now: SystemTime) -> Vec<Ch
                 ago(now, t),
                 rfc3339(t)
             ),
-            hint,
+            &hint,
         ),
         None => Check::fail(
             "last heartbeat",
             format!("no successful heartbeat yet{failing}"),
-            hint,
+            &hint,
         ),
     };
     let token = match s.token_expires_at {
@@ -138,7 +159,9 @@ pub fn heartbeat_lines(s: &State, interval: Duration, now: SystemTime) -> Vec<Ch
         Some(t) if t <= now => Check::fail(
             "token",
             format!("the stored token expired at {}", rfc3339(t)),
-            "the agent still tries it; if the API rejects it: a new api.access_token and a reload, or register --force",
+            &format!(
+                "the agent still tries it; if the API rejects it: {token_advice}; or register --force"
+            ),
         ),
         Some(t) => Check::ok(
             "token",
@@ -164,7 +187,8 @@ pub fn gpu_check(cfg: &Config) -> Check {
         cfg.inventory.gpu,
         Path::new("/"),
         cfg.inventory.nvml_library.as_deref(),
-    );
+    )
+    .count_unhealthy_gpus(cfg.inventory.count_unhealthy_gpus);
     let report = probe.collect();
     let mut by_source: Vec<String> = Vec::new();
     for source in ["nvml", "pci"] {
@@ -197,6 +221,23 @@ pub fn gpu_check(cfg: &Config) -> Check {
             "NVML is failing: check nvidia-smi and the driver (dmesg for Xid errors)",
         );
     }
+    // A GPU with a health state: the finding names it (the notes), the hint says what to do.
+    let mut actions: Vec<String> = Vec::new();
+    for g in &report.gpus {
+        for s in g.states() {
+            let a = format!("GPU {}: {}", g.index, s.action());
+            if !actions.contains(&a) {
+                actions.push(a);
+            }
+        }
+    }
+    if !actions.is_empty() {
+        return Check::warn(
+            "gpu",
+            format!("{}{driver}{notes}", by_source.join(", ")),
+            &actions.join("; "),
+        );
+    }
     if by_source.is_empty() {
         Check::info("gpu", format!("no GPUs found{notes}"))
     } else {
@@ -211,13 +252,46 @@ mod tests {
     use crate::secret::Secret;
     use uuid::Uuid;
 
+    const ADVICE: &str = "put a new access token in /etc/x.toml (api.access_token) and reload";
+
+    /// A success recorded in the future (the clock moved back) is a warning that says so, not
+    /// "succeeded 0s ago"; the token advice is the one given (where the token came from).
+    #[test]
+    fn a_success_in_the_future_is_no_health_and_the_advice_is_the_origins() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let mut s = State::new(Uuid::nil(), "http://x", Secret::new("t"), None);
+        s.last_success_at = Some(now + Duration::from_secs(86_400));
+        let lines = heartbeat_lines(
+            &s,
+            Duration::from_secs(60),
+            now,
+            "set EXALSIUS_ACCESS_TOKEN",
+        );
+        assert_eq!(lines[0].status, Status::Warn, "{:?}", lines[0]);
+        assert!(lines[0].finding.contains("in the future"), "{:?}", lines[0]);
+        s.last_success_at = Some(now - Duration::from_secs(3600));
+        s.last_error = Some("HTTP 401 Unauthorized".into());
+        s.last_attempt_at = Some(now);
+        let lines = heartbeat_lines(
+            &s,
+            Duration::from_secs(60),
+            now,
+            "set EXALSIUS_ACCESS_TOKEN",
+        );
+        let hint = lines[0].hint.as_deref().unwrap_or("");
+        assert!(
+            hint.contains("EXALSIUS_ACCESS_TOKEN") && !hint.contains("api.access_token"),
+            "{hint}"
+        );
+    }
+
     #[test]
     fn heartbeat_lines_judge_age_and_expiry() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
         let mut s = State::new(Uuid::nil(), "http://x", Secret::new("t"), None);
         s.last_success_at = Some(now - Duration::from_secs(30));
         s.token_expires_at = Some(now + Duration::from_secs(3600));
-        let lines = heartbeat_lines(&s, Duration::from_secs(60), now);
+        let lines = heartbeat_lines(&s, Duration::from_secs(60), now, ADVICE);
         assert_eq!(lines[0].status, Status::Ok, "{:?}", lines[0]);
         assert_eq!(lines[1].status, Status::Ok, "{:?}", lines[1]);
         assert!(lines[1].finding.contains("in 1h"), "{}", lines[1].finding);
@@ -226,7 +300,7 @@ mod tests {
         s.last_error = Some("HTTP 401 Unauthorized".into());
         s.consecutive_failures = 9;
         s.token_expires_at = Some(now - Duration::from_secs(1));
-        let lines = heartbeat_lines(&s, Duration::from_secs(60), now);
+        let lines = heartbeat_lines(&s, Duration::from_secs(60), now, ADVICE);
         assert_eq!(lines[0].status, Status::Fail);
         assert!(lines[0].finding.contains("1h ago") && lines[0].finding.contains("9 in a row"));
         assert!(

@@ -134,16 +134,16 @@ pub fn run(overrides: &Overrides, args: &DoctorArgs) -> Result<(), Exit> {
             warnings,
         };
         match serde_json::to_string_pretty(&report) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => crate::outln!("{s}")?,
             Err(e) => return Err(Exit::runtime(format!("cannot render the report: {e}"))),
         }
     } else {
-        print!("{}", render(&checks));
-        println!(
+        crate::out!("{}", render(&checks))?;
+        crate::outln!(
             "\n{failed} failed, {warnings} warning{}, {} checks",
             if warnings == 1 { "" } else { "s" },
             checks.len()
-        );
+        )?;
     }
     if failed > 0 {
         Err(Exit::runtime(format!(

@@ -105,8 +105,15 @@ fn read_legacy(path: &Path) -> Result<Legacy, Exit> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Exit::runtime(format!("cannot read {}: {e}", path.display())))?;
+    // Bytes that are not text are the file's content (78); a read that fails now is a fault (1).
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let message = format!("cannot read {}: {e}", path.display());
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Exit::config(message)
+        } else {
+            Exit::runtime(message)
+        }
+    })?;
     parse_legacy(&text, path).map_err(Exit::config)
 }
 
@@ -179,8 +186,8 @@ pub fn run(overrides: &Overrides, args: &ImportLegacyArgs) -> Result<(), Exit> {
 
 impl Import<'_> {
     fn print_plan(&self, legacy: &Legacy, plan: &Plan) {
-        println!("import-legacy --dry-run: nothing is changed");
-        println!(
+        crate::sayln!("import-legacy --dry-run: nothing is changed");
+        crate::sayln!(
             "legacy node {} at {} (token from {})",
             legacy.node_id,
             legacy.api_url,
@@ -188,23 +195,23 @@ impl Import<'_> {
         );
         match (self.units.timer_installed(), self.units.systemd) {
             (true, true) => {
-                println!("would stop and disable {LEGACY_TIMER} and stop {LEGACY_SERVICE}")
+                crate::sayln!("would stop and disable {LEGACY_TIMER} and stop {LEGACY_SERVICE}")
             }
-            (true, false) => println!(
+            (true, false) => crate::sayln!(
                 "{LEGACY_TIMER} is installed but systemd is not running here: disable it yourself"
             ),
-            (false, _) => println!("{LEGACY_TIMER} is not installed: nothing to stop"),
+            (false, _) => crate::sayln!("{LEGACY_TIMER} is not installed: nothing to stop"),
         }
         let path = self.store.path();
         match (plan.write_state, plan.keep_old) {
-            (true, true) => println!(
+            (true, true) => crate::sayln!(
                 "would write {} (the old one kept as state.json.bak)",
                 path.display()
             ),
-            (true, false) => println!("would write {}", path.display()),
-            (false, _) => println!("{} already holds this node and token", path.display()),
+            (true, false) => crate::sayln!("would write {}", path.display()),
+            (false, _) => crate::sayln!("{} already holds this node and token", path.display()),
         }
-        println!(
+        crate::sayln!(
             "would rename {} to {}",
             self.from.display(),
             migrated_path(&self.from).display()
@@ -220,11 +227,11 @@ impl Import<'_> {
                         "{e}; nothing was imported (two programs must never rotate one token): fix that, then run import-legacy again"
                     ))
                 })?;
-                println!("stopped and disabled {LEGACY_TIMER} (and stopped {LEGACY_SERVICE})");
+                crate::sayln!("stopped and disabled {LEGACY_TIMER} (and stopped {LEGACY_SERVICE})");
                 Ok(true)
             }
             (true, false) => {
-                println!(
+                crate::sayln!(
                     "note: {LEGACY_TIMER} is installed but systemd is not running here; make sure client-hw-info does not run any more"
                 );
                 Ok(false)
@@ -252,7 +259,7 @@ impl Import<'_> {
         if plan.write_state {
             let state = imported_state(&now, &plan, SystemTime::now());
             match self.store.replace(lock, &state, plan.keep_old) {
-                Ok(Some(bak)) => println!("previous state kept as {}", bak.display()),
+                Ok(Some(bak)) => crate::sayln!("previous state kept as {}", bak.display()),
                 Ok(None) => {}
                 Err(e) => {
                     return Err(Exit::runtime(format!(
@@ -268,14 +275,14 @@ impl Import<'_> {
     fn finish(&self, legacy: &Legacy, plan: &Plan) {
         let path = self.store.path();
         if plan.write_state {
-            println!(
+            crate::sayln!(
                 "imported node {} ({}) into {}",
                 legacy.node_id,
                 legacy.api_url,
                 path.display()
             );
         } else {
-            println!(
+            crate::sayln!(
                 "{} already holds node {} with this token",
                 path.display(),
                 legacy.node_id
@@ -283,15 +290,15 @@ impl Import<'_> {
         }
         let migrated = migrated_path(&self.from);
         match std::fs::rename(&self.from, &migrated) {
-            Ok(()) => println!("renamed {} to {}", self.from.display(), migrated.display()),
-            Err(e) => println!(
+            Ok(()) => crate::sayln!("renamed {} to {}", self.from.display(), migrated.display()),
+            Err(e) => crate::sayln!(
                 "warning: cannot rename {} to {}: {e}; remove it so that client-hw-info cannot use the token again",
                 self.from.display(),
                 migrated.display()
             ),
         }
-        println!("next: systemctl enable --now exalsius-node-agent");
-        println!("   or: exalsius-node-agent run   (in the foreground)");
+        crate::sayln!("next: systemctl enable --now exalsius-node-agent");
+        crate::sayln!("   or: exalsius-node-agent run   (in the foreground)");
     }
 }
 

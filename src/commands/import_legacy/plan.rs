@@ -195,8 +195,9 @@ pub fn decide(
         && id != legacy.node_id
     {
         return Err(Exit::config(format!(
-            "api.node_id = {id} in {file} differs from the legacy NODE_ID {}; \
+            "api.node_id = {id} in {} differs from the legacy NODE_ID {}; \
              remove api.node_id (the state will hold it) or fix it",
+            cfg.origin_of("api.node_id"),
             legacy.node_id
         )));
     }

@@ -1,18 +1,22 @@
 //! GPUs: discovery (NVML first, then the PCI bus for what NVML did not cover), and how a list
 //! of GPUs becomes the API's four GPU fields.
 
+pub mod health;
 pub mod nvml;
 mod nvml_v1;
 pub mod pci;
+pub mod probe;
 
 use crate::config::GpuMode;
-use nvml::{NVML_TIMEOUT, NvmlData, NvmlOutcome, NvmlProbe};
-use serde::Serialize;
+use health::{GpuState, Offer, RawChecks};
+use nvml::{NVML_TIMEOUT, NvmlData, NvmlOutcome};
+use probe::NvmlProbe;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// GPU vendors the API knows (`GpuTypeInfo.gpu_vendor`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Vendor {
     /// PCI vendor 0x10de.
@@ -62,7 +66,7 @@ impl Vendor {
 }
 
 /// One GPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gpu {
     /// Index in discovery order.
     pub index: u32,
@@ -81,16 +85,68 @@ pub struct Gpu {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mig_enabled: Option<bool>,
     /// `nvml` or `pci`.
-    pub source: &'static str,
+    #[serde(deserialize_with = "source_name")]
+    pub source: SourceName,
     /// The kernel driver bound to it (PCI scan only; `None`: none, or not known).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// NVML's raw answers to the health checks ([`health`]); `None` for the PCI scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<RawChecks>,
+}
+
+/// The name a GPU gets when NVML cannot name it (and no earlier refresh could).
+pub const FALLBACK_NAME: &str = "NVIDIA GPU";
+
+impl Gpu {
+    /// Its health states ([`health::decide`]), worst first; none for the PCI scan.
+    pub fn states(&self) -> Vec<GpuState> {
+        self.health.as_ref().map(health::decide).unwrap_or_default()
+    }
+
+    /// It can take work now: no state that NVIDIA says needs a reset, reboot or new board.
+    pub fn counted(&self) -> bool {
+        self.states().iter().all(|s| s.counted())
+    }
+
+    /// "GPU 3 (GPU-…, 0000:5d:00.0)": how logs and notes name a GPU.
+    pub fn label(&self) -> String {
+        format!(
+            "GPU {} ({}, {})",
+            self.index,
+            self.uuid.as_deref().unwrap_or("no UUID"),
+            if self.bus_id.is_empty() {
+                "no bus id"
+            } else {
+                &self.bus_id
+            }
+        )
+    }
+}
+
+/// [`Gpu::source`]'s type. An alias, so that serde's derive does not see a `&str` and borrow
+/// it from the input (which would require a `'static` input): [`source_name`] maps the text
+/// back to the two names.
+pub type SourceName = &'static str;
+
+/// [`Gpu::source`] read back (the probe child's answer): one of the two names, else an error.
+fn source_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "nvml" => Ok("nvml"),
+        "pci" => Ok("pci"),
+        other => Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Str(other),
+            &"nvml or pci",
+        )),
+    }
 }
 
 /// The API's GPU fields for a list of GPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuSummary {
-    /// All GPUs found.
+    /// The GPUs that can take work ([`Gpu::counted`]), or all found with
+    /// `inventory.count_unhealthy_gpus`.
     pub count: i32,
     /// Vendor of the most common model, or `UNKNOWN`.
     pub vendor: String,
@@ -102,10 +158,26 @@ pub struct GpuSummary {
     pub mixed: bool,
 }
 
-/// Summarises GPUs: count of all, and the most common model (ties: the first found).
+/// Summarises GPUs: the count of those that can take work (see [`summarise_with`]).
 pub fn summarise(gpus: &[Gpu]) -> GpuSummary {
+    summarise_with(gpus, false)
+}
+
+/// Summarises GPUs: the count of those that can take work (all with `count_unhealthy`), and
+/// the most common model (ties: the first found). The model and its memory come from GPUs NVML
+/// could name: a GPU left out for its state never turns the node into "NVIDIA GPU", 0 GiB.
+pub fn summarise_with(gpus: &[Gpu], count_unhealthy: bool) -> GpuSummary {
+    let named: Vec<&Gpu> = gpus
+        .iter()
+        .filter(|g| g.health.as_ref().is_none_or(|h| h.name_error.is_none()))
+        .collect();
+    let candidates = if named.is_empty() {
+        gpus.iter().collect()
+    } else {
+        named
+    };
     let mut models: Vec<(&Gpu, usize)> = Vec::new();
-    for g in gpus {
+    for g in candidates {
         match models
             .iter_mut()
             .find(|(m, _)| m.name == g.name && m.vendor == g.vendor)
@@ -119,6 +191,10 @@ pub fn summarise(gpus: &[Gpu]) -> GpuSummary {
         .enumerate()
         .max_by(|(ia, (_, a)), (ib, (_, b))| a.cmp(b).then(ib.cmp(ia)))
         .map(|(_, (g, _))| *g);
+    let count = gpus
+        .iter()
+        .filter(|g| count_unhealthy || g.counted())
+        .count();
     match best {
         None => GpuSummary {
             count: 0,
@@ -128,7 +204,7 @@ pub fn summarise(gpus: &[Gpu]) -> GpuSummary {
             mixed: false,
         },
         Some(g) => GpuSummary {
-            count: i32::try_from(gpus.len()).unwrap_or(i32::MAX),
+            count: i32::try_from(count).unwrap_or(i32::MAX),
             vendor: g.vendor.api_name().to_string(),
             model: g.vendor.model_of(&g.name),
             memory_gib: g.memory_bytes.map_or(0, super::memory::gib_rounded),
@@ -168,6 +244,50 @@ pub struct GpuProbe {
     unusable_warned: Mutex<Vec<String>>,
     /// The GPUs with MIG on, as last logged (logged again only when this changes).
     mig_logged: Mutex<Vec<String>>,
+    /// Count GPUs whatever their state (`inventory.count_unhealthy_gpus`).
+    count_unhealthy: bool,
+    /// What was last logged per GPU (states, why NVML cannot name it), the health checks
+    /// offered, and the mixed models: each logged again only when it changes.
+    logged: Mutex<Logged>,
+}
+
+/// The GPU facts last logged, to log each once per change rather than at every refresh.
+#[derive(Debug, Default)]
+struct Logged {
+    /// Per GPU (UUID, else bus id, else index): its states.
+    states: Vec<(String, Vec<GpuState>)>,
+    /// Per GPU: why NVML cannot name it.
+    name_errors: Vec<(String, String)>,
+    /// The "health checks this driver offers" line.
+    offered: Option<String>,
+    /// The "mixed GPU models" line.
+    mixed: Option<String>,
+}
+
+/// What identifies a GPU across refreshes: UUID, else bus id, else index.
+fn key_of(g: &Gpu) -> String {
+    g.uuid.clone().unwrap_or_else(|| {
+        if g.bus_id.is_empty() {
+            format!("index {}", g.index)
+        } else {
+            g.bus_id.clone()
+        }
+    })
+}
+
+/// Logs `line` (at info, or warn) when it differs from `*last`; remembers it.
+fn once_per_change(last: &mut Option<String>, line: Option<String>, warn: bool) {
+    if *last == line {
+        return;
+    }
+    if let Some(l) = &line {
+        if warn {
+            tracing::warn!("{l}");
+        } else {
+            tracing::info!("{l}");
+        }
+    }
+    *last = line;
 }
 
 impl GpuProbe {
@@ -176,13 +296,23 @@ impl GpuProbe {
         Self {
             mode,
             root: root.to_path_buf(),
-            nvml: NvmlProbe::new(nvml_library),
+            nvml: NvmlProbe::new(nvml_library, root),
             last_nvml: Mutex::new(None),
             last_seen: Mutex::new(None),
             last_error: Mutex::new(None),
             unusable_warned: Mutex::new(Vec::new()),
             mig_logged: Mutex::new(Vec::new()),
+            count_unhealthy: false,
+            logged: Mutex::new(Logged::default()),
         }
+    }
+
+    /// Counts every GPU whatever its health state (`inventory.count_unhealthy_gpus`); the
+    /// states are still logged and reported.
+    #[must_use]
+    pub fn count_unhealthy_gpus(mut self, on: bool) -> Self {
+        self.count_unhealthy = on;
+        self
     }
 
     /// Discovers GPUs now. Blocking (NVML waits at most [`NVML_TIMEOUT`]).
@@ -196,6 +326,7 @@ impl GpuProbe {
         }
         if matches!(self.mode, GpuMode::Auto | GpuMode::Nvml) {
             self.add_nvml(&mut report);
+            self.fill_unnamed(&mut report.gpus);
         }
         // auto: the PCI scan adds what NVML did not cover: other vendors always, NVIDIA only
         // when NVML gave no answer at all (no driver, or failing since start).
@@ -205,15 +336,19 @@ impl GpuProbe {
         for (i, g) in report.gpus.iter_mut().enumerate() {
             g.index = u32::try_from(i).unwrap_or(u32::MAX);
         }
+        self.log_health(&report.gpus, &mut report.notes);
         self.compare_with_last(&report.gpus);
         let summary = summarise(&report.gpus);
-        if summary.mixed {
+        let mixed = summary.mixed.then(|| {
             let models: Vec<&str> = report.gpus.iter().map(|g| g.name.as_str()).collect();
-            tracing::warn!(
+            format!(
                 "mixed GPU models ({}); reporting the most common: {}",
                 models.join(", "),
                 summary.model
-            );
+            )
+        });
+        if let Ok(mut l) = self.logged.lock() {
+            once_per_change(&mut l.mixed, mixed, true);
         }
         report
     }
@@ -287,6 +422,21 @@ impl GpuProbe {
                 // Counted by NVML without a bus id, or on the bus but unusable: never twice.
                 if nvml_without_bus_id > 0 {
                     nvml_without_bus_id -= 1;
+                    // NVML enumerates in PCI bus order, as the scan lists them: the k-th NVML
+                    // GPU without a bus id is the k-th NVIDIA GPU on the bus NVML did not name.
+                    if let Some(n) = report
+                        .gpus
+                        .iter_mut()
+                        .find(|n| n.source == "nvml" && n.bus_id.is_empty())
+                    {
+                        n.bus_id.clone_from(&g.bus_id);
+                        // One NVML cannot name (it needs a reset) gets the PCI scan's name,
+                        // the same as NVML's for the parts in the device table.
+                        if n.name == FALLBACK_NAME {
+                            n.name.clone_from(&g.name);
+                            n.memory_bytes = n.memory_bytes.or(g.memory_bytes);
+                        }
+                    }
                 } else {
                     unusable.push(g.bus_id);
                 }
@@ -397,6 +547,118 @@ impl GpuProbe {
         *last = on;
     }
 
+    /// A GPU NVML cannot name (it answered RESET_REQUIRED, GPU_IS_LOST, …) keeps the name,
+    /// memory, UUID and bus id an earlier refresh knew for it (matched by UUID, bus id, else
+    /// NVML index): the node's model stays the node's model.
+    fn fill_unnamed(&self, gpus: &mut [Gpu]) {
+        let known = self
+            .last_seen
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .unwrap_or_default();
+        for g in gpus.iter_mut() {
+            // Only GPUs with a RESET_REQUIRED / GPU_IS_LOST answer (their name, UUID or bus id
+            // may be missing): a healthy GPU's own answers always win.
+            if g.health
+                .as_ref()
+                .is_none_or(|h| h.name_error.is_none() && h.fatal.is_empty())
+            {
+                continue;
+            }
+            let before =
+                known
+                    .iter()
+                    .filter(|k| k.source == "nvml")
+                    .find(|k| match (&g.uuid, &k.uuid) {
+                        (Some(a), Some(b)) => a == b,
+                        _ if !g.bus_id.is_empty() => g.bus_id == k.bus_id,
+                        _ => g.index == k.index,
+                    });
+            if let Some(k) = before {
+                if g.name == FALLBACK_NAME {
+                    g.name.clone_from(&k.name);
+                }
+                g.memory_bytes = g.memory_bytes.or(k.memory_bytes);
+                if g.uuid.is_none() {
+                    g.uuid.clone_from(&k.uuid);
+                }
+                if g.bus_id.is_empty() {
+                    g.bus_id.clone_from(&k.bus_id);
+                }
+            }
+        }
+    }
+
+    /// Each GPU's health states: a note per GPU with a state (every refresh), a log line per
+    /// change (a state appears: warn, with the action; a state clears: info), the checks this
+    /// driver offers (info, once per change), and why NVML cannot name a GPU (once per change).
+    fn log_health(&self, gpus: &[Gpu], notes: &mut Vec<String>) {
+        let Ok(mut logged) = self.logged.lock() else {
+            return;
+        };
+        let mut states_now = Vec::new();
+        let mut names_now = Vec::new();
+        for g in gpus.iter().filter(|g| g.health.is_some()) {
+            let key = key_of(g);
+            let states = g.states();
+            let before: Vec<GpuState> = logged
+                .states
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            for s in &states {
+                let line = format!(
+                    "{}: {} — {}; {}",
+                    g.label(),
+                    s.name(),
+                    self.counted_text(*s),
+                    s.action()
+                );
+                if !before.contains(s) {
+                    tracing::warn!("{line}");
+                }
+                notes.push(line);
+            }
+            for s in before.iter().filter(|s| !states.contains(s)) {
+                let back = if !s.counted() && g.counted() && !self.count_unhealthy {
+                    "; counted again"
+                } else {
+                    ""
+                };
+                tracing::info!("{}: {} cleared{back}", g.label(), s.name());
+            }
+            if !states.is_empty() {
+                states_now.push((key.clone(), states));
+            }
+            // A GPU without a name because it needs a reset is already named for that.
+            let name_error = g
+                .health
+                .as_ref()
+                .and_then(|h| h.name_error.clone())
+                .filter(|_| g.counted());
+            if let Some(e) = name_error {
+                if !logged.name_errors.iter().any(|(k, l)| *k == key && *l == e) {
+                    tracing::warn!("NVML cannot name {}: {e}", g.label());
+                }
+                names_now.push((key, e));
+            }
+        }
+        logged.states = states_now;
+        logged.name_errors = names_now;
+        let offered = offered_line(gpus);
+        once_per_change(&mut logged.offered, offered, false);
+    }
+
+    fn counted_text(&self, s: GpuState) -> &'static str {
+        match (s.counted(), self.count_unhealthy) {
+            (true, _) => "still counted",
+            (false, false) => "not counted",
+            (false, true) => "counted anyway (inventory.count_unhealthy_gpus)",
+        }
+    }
+
     /// Warns about GPUs that were there at the last refresh and are gone now.
     fn compare_with_last(&self, now: &[Gpu]) {
         let Ok(mut last) = self.last_seen.lock() else {
@@ -421,6 +683,40 @@ impl GpuProbe {
         }
         *last = Some(now.to_vec());
     }
+}
+
+/// "GPU health checks: offered …; NOT_SUPPORTED …; not in this NVML library …" over all NVML
+/// GPUs (a check counts as offered when any GPU answers it); `None` without NVML GPUs.
+fn offered_line(gpus: &[Gpu]) -> Option<String> {
+    let all: Vec<[(&str, Option<Offer>); 4]> = gpus
+        .iter()
+        .filter_map(|g| g.health.as_ref().map(RawChecks::availability))
+        .collect();
+    let first = all.first()?;
+    let (mut offered, mut unsupported, mut missing) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (name, _)) in first.iter().enumerate() {
+        let answers: Vec<Offer> = all.iter().filter_map(|a| a[i].1).collect();
+        if answers.contains(&Offer::Offered) {
+            offered.push(*name);
+        } else if answers.contains(&Offer::NotSupported) {
+            unsupported.push(*name);
+        } else if answers.contains(&Offer::NotInLibrary) {
+            missing.push(*name);
+        }
+    }
+    let list = |v: &[&str]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    Some(format!(
+        "GPU health checks this driver offers: {}; answered NOT_SUPPORTED (these GPUs have no such state): {}; not in this NVML library: {}",
+        list(&offered),
+        list(&unsupported),
+        list(&missing)
+    ))
 }
 
 #[cfg(test)]

@@ -1,29 +1,25 @@
-//! NVIDIA GPUs through NVML (`nvml-wrapper`, loading `libnvidia-ml.so.1` at run time).
-//!
-//! NVML is initialised once and the handle kept (init costs tens of milliseconds with a real
-//! driver). Every query runs on its own thread and is waited for at most [`NVML_TIMEOUT`]:
-//! NVML can block for minutes on a faulted GPU, and the heartbeat must not wait for it. A
-//! query still stuck holds the handle's lock, so later queries answer `Busy` at once instead
-//! of piling up threads. A failed init (driver not loaded, library/driver version mismatch
-//! after an upgrade without reboot) is retried at the next inventory refresh.
+//! NVIDIA GPUs through NVML (`nvml-wrapper`, loading `libnvidia-ml.so.1` at run time): what
+//! one NVML answer is, and how it is read. This code runs in the short-lived probe child
+//! ([`super::probe`]): the vendor library's memory, its crashes and its hangs stay there.
 
 use super::pci::normalize_bus_id;
 use super::{Gpu, Vendor};
 use nvml_wrapper::Nvml;
 use nvml_wrapper::error::NvmlError;
-use std::ffi::OsString;
+use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
-/// Longest wait for one NVML query (all GPUs). A healthy 8-GPU node answers in milliseconds.
+/// Longest wait for one NVML probe (start the child, init, all GPUs). A healthy 8-GPU node
+/// answers in well under a second.
 pub const NVML_TIMEOUT: Duration = Duration::from_secs(5);
 /// The library name the NVIDIA driver installs on the loader path.
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
 
 /// What NVML said.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NvmlData {
     /// GPUs, in NVML index order.
     pub gpus: Vec<Gpu>,
@@ -51,110 +47,88 @@ pub enum NvmlOutcome {
     Data(NvmlData),
     /// No NVML library on this host (normal without NVIDIA drivers).
     NoLibrary(String),
-    /// The library is there but NVML failed (driver not loaded, version mismatch, …).
+    /// The library is there but NVML failed (driver not loaded, version mismatch, a crash, …).
     Failed(String),
     /// NVML was refused the device nodes although they are world-accessible: only a device
     /// policy (the service's cgroup) refuses that.
     PolicyRefused(String),
     /// The query did not finish within the timeout.
     TimedOut,
-    /// An earlier query is still stuck inside NVML.
+    /// An earlier probe is still stuck inside NVML (killed, but not dead yet).
     Busy,
 }
 
-/// A kept NVML handle and the path to load it from.
-#[derive(Debug)]
-pub struct NvmlProbe {
-    library: OsString,
-    handle: Arc<Mutex<Option<Nvml>>>,
-    missing_reported: AtomicBool,
+/// The probe child's answer, as JSON on its stdout: one NVML init and query, in-process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    /// NVML answered.
+    Data(NvmlData),
+    /// The library could not be loaded.
+    NoLibrary(String),
+    /// `NVML_ERROR_NO_PERMISSION` at init: the parent diagnoses it from the device nodes.
+    NoPermission(String),
+    /// Any other failure.
+    Failed(String),
 }
 
-impl NvmlProbe {
-    /// A probe loading `library` (default [`DEFAULT_LIBRARY`]); nothing is loaded yet.
-    pub fn new(library: Option<&std::path::Path>) -> Self {
-        Self {
-            library: library.map_or_else(|| OsString::from(DEFAULT_LIBRARY), |p| p.into()),
-            handle: Arc::new(Mutex::new(None)),
-            missing_reported: AtomicBool::new(false),
+/// One NVML init and query, in this process (the probe child's work). The library stays
+/// loaded until the process ends.
+pub fn answer(library: &OsStr) -> Answer {
+    let nvml = match Nvml::builder().lib_path(library).init() {
+        Ok(n) => n,
+        Err(NvmlError::LibloadingError(e)) => {
+            return Answer::NoLibrary(format!("{} not loadable: {e}", library.to_string_lossy()));
         }
+        Err(e @ NvmlError::NoPermission) => {
+            return Answer::NoPermission(format!("NVML init failed: {e}"));
+        }
+        // Seen from the real 470/535/550 libraries when /dev/nvidiactl opens but is not the
+        // NVIDIA driver's (tests/it/nvml_real.rs): name what to look at.
+        Err(e @ NvmlError::Unknown) => {
+            return Answer::Failed(format!(
+                "NVML init failed: {e} (NVML_ERROR_UNKNOWN): /dev/nvidiactl opens but the NVIDIA \
+                 driver does not answer on it — check that it is the driver's node (character \
+                 device 195:255) and that the loaded module matches the library (nvidia-smi \
+                 shows the same error)"
+            ));
+        }
+        Err(e) => return Answer::Failed(format!("NVML init failed: {e}")),
+    };
+    match read(&nvml) {
+        Ok(data) => Answer::Data(data),
+        Err(e) => Answer::Failed(format!("NVML query failed: {e}")),
     }
+}
 
-    /// True the first time the library is found missing (to log it once, at info).
-    pub fn first_missing(&self) -> bool {
-        !self.missing_reported.swap(true, Ordering::AcqRel)
-    }
-
-    /// Queries all GPUs, waiting at most `timeout`.
-    pub fn query(&self, timeout: Duration) -> NvmlOutcome {
-        let handle = Arc::clone(&self.handle);
-        let library = self.library.clone();
-        let (tx, rx) = mpsc::channel();
-        let spawned = std::thread::Builder::new()
-            .name("nvml".into())
-            .spawn(move || {
-                let _ = tx.send(query_locked(&handle, &library));
+/// The child's answer as the collector sees it: a refusal is diagnosed from the control node
+/// under `root` (the collector's root: a fixture tree in tests, never the host's `/dev` then).
+pub fn outcome(answer: Answer, root: &Path) -> NvmlOutcome {
+    match answer {
+        Answer::Data(d) => NvmlOutcome::Data(d),
+        Answer::NoLibrary(why) => NvmlOutcome::NoLibrary(why),
+        Answer::Failed(why) => NvmlOutcome::Failed(why),
+        Answer::NoPermission(why) => {
+            let node = std::fs::metadata(control_node(root)).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.mode(), m.uid(), m.gid())
             });
-        if let Err(e) = spawned {
-            return NvmlOutcome::Failed(format!("cannot start the NVML thread: {e}"));
-        }
-        match rx.recv_timeout(timeout) {
-            Ok(outcome) => outcome,
-            Err(mpsc::RecvTimeoutError::Timeout) => NvmlOutcome::TimedOut,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                NvmlOutcome::Failed("the NVML thread ended without an answer".into())
+            let message = format!("{why}: {}", no_permission_advice(node));
+            match node {
+                Some((mode, _, _)) if world_accessible(mode) => NvmlOutcome::PolicyRefused(message),
+                _ => NvmlOutcome::Failed(message),
             }
-        }
-    }
-}
-
-fn query_locked(handle: &Mutex<Option<Nvml>>, library: &OsString) -> NvmlOutcome {
-    let mut guard = match handle.try_lock() {
-        Ok(g) => g,
-        Err(TryLockError::WouldBlock) => return NvmlOutcome::Busy,
-        Err(TryLockError::Poisoned(p)) => p.into_inner(),
-    };
-    if guard.is_none() {
-        match Nvml::builder().lib_path(library).init() {
-            Ok(n) => *guard = Some(n),
-            Err(NvmlError::LibloadingError(e)) => {
-                return NvmlOutcome::NoLibrary(format!(
-                    "{} not loadable: {e}",
-                    library.to_string_lossy()
-                ));
-            }
-            Err(e @ NvmlError::NoPermission) => {
-                let ctl = std::path::Path::new(CONTROL_NODE);
-                let node = std::fs::metadata(ctl).ok().map(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    (m.mode(), m.uid(), m.gid())
-                });
-                let message = format!("NVML init failed: {e}: {}", no_permission_advice(node));
-                return match node {
-                    Some((mode, _, _)) if world_accessible(mode) => {
-                        NvmlOutcome::PolicyRefused(message)
-                    }
-                    _ => NvmlOutcome::Failed(message),
-                };
-            }
-            Err(e) => return NvmlOutcome::Failed(format!("NVML init failed: {e}")),
-        }
-    }
-    let Some(nvml) = guard.as_ref() else {
-        return NvmlOutcome::Failed("NVML handle missing".into());
-    };
-    match read(nvml) {
-        Ok(data) => NvmlOutcome::Data(data),
-        Err(e) => {
-            // Re-initialise next time: the driver may have been reloaded or upgraded.
-            *guard = None;
-            NvmlOutcome::Failed(format!("NVML query failed: {e}"))
         }
     }
 }
 
 /// The node every NVML process opens first.
 const CONTROL_NODE: &str = "/dev/nvidiactl";
+
+/// [`CONTROL_NODE`] under the collector's root (a fixture tree in tests: never the host's).
+fn control_node(root: &std::path::Path) -> std::path::PathBuf {
+    root.join(CONTROL_NODE.trim_start_matches('/'))
+}
 
 /// What to do about NVML's "insufficient permissions", from what `/dev/nvidiactl` looks like
 /// (mode, owner, group; `None`: not there). Three different causes need three different fixes.
@@ -248,25 +222,35 @@ fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
     for i in 0..count {
         let device = match nvml.device_by_index(i) {
             Ok(d) => d,
+            // "Unable to determine the device handle for GPU …: GPU is lost": listed, not
+            // counted, named once per change (super::health).
+            Err(e @ (NvmlError::GpuLost | NvmlError::ResetRequired)) => {
+                gpus.push(super::health::without_handle(i, &e));
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(index = i, "NVML cannot open GPU {i}: {e}; not counted");
                 continue;
             }
         };
-        let name = match device.name() {
-            Ok(n) => n,
-            Err(NvmlError::GpuLost) => {
-                tracing::warn!(index = i, "GPU {i} has fallen off the bus; not counted");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(index = i, "NVML cannot name GPU {i}: {e}");
-                "NVIDIA GPU".to_string()
-            }
+        // Health checks (super::health): a GPU answering RESET_REQUIRED or GPU_IS_LOST to any
+        // query stays in the list with that state (not counted, named, logged once per change
+        // by the probe), never a nameless "NVIDIA GPU" with 0 GiB.
+        let mut health = super::health::query(nvml, &device);
+        let name = device.name().unwrap_or_else(|e| {
+            health.saw("name", &e);
+            health.name_error = Some(e.to_string());
+            super::FALLBACK_NAME.to_string()
+        });
+        let pci = device
+            .pci_info()
+            .map_err(|e| health.saw("PCI info", &e))
+            .ok();
+        let memory_bytes = match health.name_error {
+            None => memory_total(nvml, &device, pci.as_ref(), &name),
+            Some(_) => None,
         };
-        let pci = device.pci_info().ok();
-        let memory_bytes = memory_total(nvml, &device, pci.as_ref(), &name);
-        let uuid = device.uuid().ok();
+        let uuid = device.uuid().map_err(|e| health.saw("UUID", &e)).ok();
         let bus_id = pci
             .as_ref()
             .map(|p| normalize_bus_id(&p.bus_id))
@@ -286,6 +270,7 @@ fn read(nvml: &Nvml) -> Result<NvmlData, NvmlError> {
             mig_enabled,
             source: "nvml",
             driver: None,
+            health: Some(health),
         });
     }
     Ok(NvmlData {
@@ -308,10 +293,62 @@ mod tests {
 
     #[test]
     fn missing_library_is_no_library() {
-        let p = NvmlProbe::new(Some(std::path::Path::new("/nonexistent/libnvidia-ml.so.1")));
-        assert!(matches!(p.query(NVML_TIMEOUT), NvmlOutcome::NoLibrary(_)));
-        assert!(p.first_missing());
-        assert!(!p.first_missing());
+        let a = answer(OsStr::new("/nonexistent/libnvidia-ml.so.1"));
+        assert!(matches!(a, Answer::NoLibrary(_)), "{a:?}");
+    }
+
+    #[test]
+    fn a_refusal_is_diagnosed_from_the_node_under_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let why = || Answer::NoPermission("NVML init failed: no permission".into());
+        // No node under the root: the persistenced advice, whatever the host has.
+        let o = outcome(why(), dir.path());
+        assert!(
+            matches!(&o, NvmlOutcome::Failed(m) if m.contains("does not exist")),
+            "{o:?}"
+        );
+        std::fs::create_dir(dir.path().join("dev")).unwrap();
+        let node = dir.path().join("dev/nvidiactl");
+        std::fs::write(&node, "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let o = outcome(why(), dir.path());
+        assert!(
+            matches!(&o, NvmlOutcome::PolicyRefused(m) if m.contains("device policy")),
+            "{o:?}"
+        );
+    }
+
+    #[test]
+    fn an_answer_survives_the_pipe() {
+        let data = NvmlData {
+            gpus: vec![Gpu {
+                index: 0,
+                vendor: Vendor::Nvidia,
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_bytes: Some(85_520_809_984),
+                uuid: Some("GPU-1".into()),
+                bus_id: "0000:18:00.0".into(),
+                mig_enabled: Some(false),
+                source: "nvml",
+                driver: None,
+                // The health answers travel with the GPU (a state decided in the daemon).
+                health: Some(super::super::health::RawChecks {
+                    remapped_rows: super::super::health::Answer::ResetRequired,
+                    retired_pages_pending: super::super::health::Answer::Value(true),
+                    mig_mode: super::super::health::Answer::NotInLibrary,
+                    fabric: super::super::health::Answer::NotSupported,
+                    fatal: vec![],
+                    name_error: Some("GPU requires reset".into()),
+                }),
+            }],
+            driver: Some("550.54.15".into()),
+            cuda: Some("12.4".into()),
+        };
+        let a = Answer::Data(data);
+        let text = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<Answer>(&text).unwrap(), a);
+        assert!(serde_json::from_str::<Answer>(r#"{"data":{"gpus":[{"index":0,"vendor":"NVIDIA","name":"x","memory_bytes":null,"bus_id":"","source":"elsewhere"}],"driver":null,"cuda":null}}"#).is_err());
     }
 
     #[test]

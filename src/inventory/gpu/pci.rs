@@ -5,10 +5,14 @@
 //! NVIDIA, AMD and Intel. Not counted: the BMC/VGA adapters every server has (ASPEED, Matrox:
 //! other vendors, so they never match), GPU audio functions (class 0x0403), integrated graphics
 //! (the GPU in the CPU package, which the pool cannot schedule: AMD APUs' by device id in
-//! [`AMD_INTEGRATED`], Intel's as a display controller integrated in the root complex — on a
-//! root bus with no port between, where every discrete card sits behind a root port), and GPUs
-//! bound to `vfio-pci` (passed through to a virtual machine). NVIDIA's integrated parts (GH200,
-//! GB10) are the compute GPU and always count.
+//! [`AMD_INTEGRATED`], Intel's at the address Intel fixes for its integrated graphics device,
+//! `00:02.0`, unless its device id is one of Intel's discrete families in [`INTEL_DISCRETE`];
+//! never by bus position alone, since a hypervisor puts passed-through discrete GPUs on bus 0
+//! of a VM with no root port between), SR-IOV virtual functions (a `physfn` link in the
+//! device's directory: slices of a physical GPU — vGPU, passthrough — already counted as that
+//! GPU; summed in one note), and GPUs bound to `vfio-pci` (passed through to a virtual
+//! machine). NVIDIA's integrated parts (GH200, GB10) are the compute GPU and always count,
+//! wherever the bus puts them.
 //!
 //! Names: for the data-centre and workstation parts in [`PARTS`], the name the driver reports
 //! (NVML's, so `gpu_type` does not change when the driver stops or starts answering); else the
@@ -156,26 +160,44 @@ pub const AMD_INTEGRATED: &[u16] = &[
     0x164f, 0x1506, 0x150e, 0x1586, 0x13c0,
 ];
 
-/// True for integrated graphics (see the module docs).
-fn is_integrated(dev: &Path, vendor: Vendor, device_id: u16, base_class: u32) -> bool {
+/// Intel's discrete GPU families, by PCI device id range (i915/xe driver tables): DG1, DG2
+/// (Arc A-series, Data Center GPU Flex), Ponte Vecchio (Data Center GPU Max), Battlemage (Arc
+/// B-series). Any of them at `00:02.0` (a VM's choice) is still a discrete card.
+pub const INTEL_DISCRETE: &[(u16, u16)] = &[
+    (0x4905, 0x4909),
+    (0x5690, 0x56cf),
+    (0x0b69, 0x0b69),
+    (0x0b6e, 0x0b6e),
+    (0x0bd0, 0x0bdb),
+    (0xe200, 0xe22f),
+];
+
+/// Bus, device and function of Intel's integrated graphics device (IGD): Intel's chipsets fix
+/// it there, and hypervisors passing an IGD through must keep it there (its firmware expects
+/// it), so the address marks the part, not the bus topology.
+const INTEL_IGD_ADDRESS: &str = "00:02.0";
+
+/// True for integrated graphics (see the module docs). `bus_id` in sysfs form.
+fn is_integrated(bus_id: &str, vendor: Vendor, device_id: u16, base_class: u32) -> bool {
     match vendor {
         Vendor::Nvidia => false,
         Vendor::Amd => AMD_INTEGRATED.contains(&device_id),
-        Vendor::Intel => base_class == 0x03 && on_root_bus(dev),
+        Vendor::Intel => {
+            base_class == 0x03
+                && bus_id
+                    .split_once(':')
+                    .is_some_and(|(_, rest)| rest == INTEL_IGD_ADDRESS)
+                && !INTEL_DISCRETE
+                    .iter()
+                    .any(|&(lo, hi)| (lo..=hi).contains(&device_id))
+        }
     }
 }
 
-/// The device hangs directly off a root bus: its sysfs link (`/sys/bus/pci/devices/X` →
-/// `…/devices/pci0000:00/X`) has no bridge between. Not a symlink (an odd tree): false.
-fn on_root_bus(dev: &Path) -> bool {
-    let Ok(target) = std::fs::read_link(dev) else {
-        return false;
-    };
-    let mut parts = target.components().rev();
-    parts.next();
-    parts
-        .next()
-        .is_some_and(|p| p.as_os_str().to_string_lossy().starts_with("pci"))
+/// True for an SR-IOV virtual function: the kernel links each VF to its physical function
+/// (`physfn`). Inside a guest a passed-through VF has no such link and is the guest's GPU.
+fn is_virtual_function(dev: &Path) -> bool {
+    std::fs::symlink_metadata(dev.join("physfn")).is_ok()
 }
 
 fn read_hex(path: &Path) -> Option<u32> {
@@ -208,8 +230,13 @@ pub fn normalize_bus_id(id: &str) -> String {
 /// GPUs on the PCI bus under `root`, with names from the first `pci.ids` found there.
 // Long: naming and memory rules per device are read best side by side.
 pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
-    let found = find(root);
+    let (found, virtual_functions) = find(root);
     let mut notes = Vec::new();
+    if virtual_functions > 0 {
+        notes.push(format!(
+            "{virtual_functions} SR-IOV virtual functions of GPUs (vGPU or passthrough slices of a GPU already counted): not counted"
+        ));
+    }
     if found.is_empty() {
         return (Vec::new(), notes);
     }
@@ -283,6 +310,7 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
                 bus_id: f.bus_id,
                 mig_enabled: None,
                 source: "pci",
+                health: None,
                 driver: f.driver,
             })
         })
@@ -290,14 +318,16 @@ pub fn scan(root: &Path) -> (Vec<Gpu>, Vec<String>) {
     (gpus, notes)
 }
 
-fn find(root: &Path) -> Vec<Found> {
+/// The GPUs on the bus, and how many SR-IOV virtual functions of GPUs were left out.
+fn find(root: &Path) -> (Vec<Found>, usize) {
     let dir = root.join("sys/bus/pci/devices");
     let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
     let mut paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
     paths.sort();
-    paths
+    let mut virtual_functions = 0;
+    let found = paths
         .into_iter()
         .filter_map(|dev| {
             let class = read_hex(&dev.join("class"))?;
@@ -308,8 +338,12 @@ fn find(root: &Path) -> Vec<Found> {
             let vendor_id = read_hex(&dev.join("vendor"))?;
             let vendor = vendor_of(vendor_id)?;
             let device_id = u16::try_from(read_hex(&dev.join("device"))?).ok()?;
+            if is_virtual_function(&dev) {
+                virtual_functions += 1;
+                return None;
+            }
             let bus_id = normalize_bus_id(&dev.file_name()?.to_string_lossy());
-            let integrated = is_integrated(&dev, vendor, device_id, base);
+            let integrated = is_integrated(&bus_id, vendor, device_id, base);
             let driver = std::fs::read_link(dev.join("driver"))
                 .ok()
                 .and_then(|l| Some(l.file_name()?.to_string_lossy().into_owned()));
@@ -330,7 +364,8 @@ fn find(root: &Path) -> Vec<Found> {
                 integrated,
             })
         })
-        .collect()
+        .collect();
+    (found, virtual_functions)
 }
 
 /// Finds `device` under `vendor` in pci.ids text without parsing the rest: vendor lines are

@@ -14,6 +14,7 @@ fn gpu(i: u32, vendor: Vendor, name: &str, gib: u64) -> Gpu {
         mig_enabled: None,
         source: "pci",
         driver: None,
+        health: None,
     }
 }
 
@@ -85,4 +86,44 @@ fn tie_goes_to_first_found() {
         gpu(1, Vendor::Nvidia, "L4", 22),
     ];
     assert_eq!(summarise(&gpus).vendor, "AMD");
+}
+
+/// An NVML GPU whose answers put it in `state` (or healthy with `None`); `unnamed`: NVML could
+/// not name it.
+fn nvml_gpu(i: u32, reset: bool, unnamed: bool) -> Gpu {
+    use health::{Answer, RawChecks};
+    let mut g = gpu(i, Vendor::Nvidia, "NVIDIA H100 80GB HBM3", 80);
+    g.source = "nvml";
+    let mut h = RawChecks {
+        remapped_rows: Answer::NotSupported,
+        retired_pages_pending: Answer::NotSupported,
+        mig_mode: Answer::NotSupported,
+        fabric: Answer::NotInLibrary,
+        fatal: Vec::new(),
+        name_error: None,
+    };
+    if reset {
+        h.saw("name", &nvml_wrapper::error::NvmlError::ResetRequired);
+    }
+    if unnamed {
+        h.name_error = Some("device requires a reset".into());
+        g.name = FALLBACK_NAME.into();
+        g.memory_bytes = None;
+    }
+    g.health = Some(h);
+    g
+}
+
+#[test]
+fn gpus_that_cannot_take_work_are_not_counted_and_do_not_name_the_model() {
+    let gpus: Vec<Gpu> = (0..8).map(|i| nvml_gpu(i, i == 5, i == 5)).collect();
+    let s = summarise(&gpus);
+    assert_eq!(
+        (s.count, s.model.as_str(), s.memory_gib, s.mixed),
+        (7, "H100 80GB HBM3", 80, false)
+    );
+    assert_eq!(summarise_with(&gpus, true).count, 8);
+    // All eight need a reset and none was ever named: 0, never "8x NVIDIA GPU".
+    let gpus: Vec<Gpu> = (0..8).map(|i| nvml_gpu(i, true, true)).collect();
+    assert_eq!(summarise(&gpus).count, 0);
 }
