@@ -294,3 +294,37 @@ fn the_root_filesystem_size_does_not_ask_other_mounts() {
         .expect("the root filesystem's size hung on another mount");
     assert!(bytes > 0);
 }
+
+/// A reload that moves the metrics file off a hung mount: the old file is removed (the
+/// configuration no longer names it) on the writing thread, never on the runtime, so the
+/// heartbeats go on and the new file is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_the_metrics_file_off_a_hung_mount_keeps_the_heartbeats() {
+    let Some(mnt) =
+        hung_mount_or_rerun("moving_the_metrics_file_off_a_hung_mount_keeps_the_heartbeats")
+    else {
+        return;
+    };
+    let (api, mut agent) = setup_with("").await;
+    let hung = format!(
+        "[metrics]\ntextfile = \"{}\"\n",
+        mnt.path("agent.prom").display()
+    );
+    agent.write_config(&config_text(&api.url(), &hung));
+    agent.spawn(&[]);
+    api.wait_requests(3, 10 * SECOND).await;
+    let moved = agent.dir.path().join("agent.prom");
+    agent.write_config(&config_text(
+        &api.url(),
+        &format!("[metrics]\ntextfile = \"{}\"\n", moved.display()),
+    ));
+    agent.signal("HUP");
+    let mut wrong: Vec<String> = beats_on_and_stops(&api, &mut agent, "metrics moved")
+        .await
+        .into_iter()
+        .collect();
+    if !moved.exists() {
+        wrong.push("the new metrics file was never written".into());
+    }
+    assert_none_wrong(wrong);
+}
