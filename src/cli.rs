@@ -39,8 +39,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent in the foreground (what systemd starts): heartbeat until SIGTERM.
     ///
-    /// SIGHUP re-reads the configuration (an invalid one is refused and the old one kept) and
-    /// refreshes the inventory. SIGTERM/SIGINT stop within a second, exit 0.
+    /// SIGHUP re-reads the configuration (an invalid one is refused and the old one kept, as
+    /// when its files do not answer within 5 s) and refreshes the inventory. SIGTERM/SIGINT
+    /// stop within a second, exit 0, also while a file read hangs.
     Run(RunArgs),
     /// Collect and print this node's specs. Needs no configuration and no network.
     Inventory(InventoryArgs),
@@ -53,6 +54,10 @@ pub enum Command {
     /// Register this node with the pool using a registration token (POST /node/self-register),
     /// and keep the node id and access token in the state file, so `run` needs neither in the
     /// config.
+    ///
+    /// SIGTERM/SIGINT while the request is in flight wait for its answer (at most api.timeout)
+    /// and save the token; a second signal stops at once. A 2xx answer that arrives cut off is
+    /// never followed by a second request: exit 1, with what to do.
     ///
     /// Exit codes: 0 registered, 1 API/network failure or already registered (see --force),
     /// 2 usage error, 78 invalid value (endpoint, token file) or configuration error.

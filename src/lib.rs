@@ -10,9 +10,11 @@
 //! Data flows one way: [`config`] → [`inventory`] → request → response → [`state`].
 
 pub mod api;
+pub mod bounded;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod exit;
 pub mod footprint;
 pub mod heartbeat;
 pub mod inventory;

@@ -6,6 +6,11 @@
 //! Counters start at zero with each process (Prometheus' `rate()` handles the reset); the
 //! gauges that describe the node (last success, failures, token expiry) are seeded from the
 //! state file, so a restart does not make a failing node look healthy or a healthy one new.
+//!
+//! The textfile directory is the operator's choice and may sit on a mount that stops
+//! answering: the file is written on a thread of its own, one write in flight at a time, so a
+//! write that hangs costs that thread only. Writes asked for meanwhile replace each other (each
+//! is the whole file), and the newest goes out when the hung one returns.
 
 use crate::state::State;
 use std::collections::BTreeMap;
@@ -13,7 +18,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Prefix of every metric name.
 const NS: &str = "exalsius_node_agent";
@@ -24,6 +30,14 @@ pub const LATENCY_BUCKETS: [f64; 9] = [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 pub const OUTCOMES: [&str; 5] = ["ok", "transient", "unauthorized", "not_found", "rejected"];
 /// Inventory sources whose failures are counted.
 pub const INVENTORY_SOURCES: [&str; 2] = ["collection", "nvml"];
+
+/// A write still running after this long is reported (once): writing a few kilobytes takes
+/// milliseconds, so it is a file system that stopped answering.
+pub const WRITE_STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// At exit the last write is awaited this long: a local write takes well under a millisecond,
+/// and a hung one must not delay the stop SIGTERM promises within a second.
+pub const EXIT_FLUSH_WAIT: Duration = Duration::from_millis(300);
 
 /// The build, for `exalsius_node_agent_build_info`.
 pub fn build_commit() -> &'static str {
@@ -59,8 +73,27 @@ pub struct Metrics {
     gpu_states: Vec<GpuStates>,
     refresh_seconds: Option<f64>,
     inventory_errors: BTreeMap<&'static str, u64>,
+    /// The thread that writes the file (shared by clones).
+    writer: Arc<Mutex<Writer>>,
+}
+
+/// The writing thread's state.
+#[derive(Debug, Default)]
+struct Writer {
+    /// Since when a write is in flight (`None`: no thread is writing).
+    busy_since: Option<Instant>,
+    /// The newest file asked for while a write was in flight.
+    next: Option<String>,
+    /// A hung write was reported.
+    stuck_reported: bool,
     /// The kind of the last write error warned about (one warning per kind).
-    write_error: Option<std::io::ErrorKind>,
+    error: Option<std::io::ErrorKind>,
+    /// The configuration no longer names the file: remove it after the write in flight.
+    retired: bool,
+}
+
+fn lock(w: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
+    w.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Metrics {
@@ -83,7 +116,7 @@ impl Metrics {
             gpu_states: Vec::new(),
             refresh_seconds: None,
             inventory_errors: INVENTORY_SOURCES.iter().map(|s| (*s, 0)).collect(),
-            write_error: None,
+            writer: Arc::default(),
         }
     }
 
@@ -95,8 +128,30 @@ impl Metrics {
     /// The configuration no longer asks for this file (a reload moved it or switched metrics
     /// off): removes it, so node_exporter does not serve frozen figures for ever. Only a
     /// regular file is removed (never what a symlink points to); a failure is logged.
+    /// On the writing thread, after any write in flight (which would create it again), so
+    /// that a hung mount holds that thread only.
     pub fn retire(self) {
-        remove_written(&self.path);
+        let mut w = lock(&self.writer);
+        w.next = None;
+        w.retired = true;
+        if w.busy_since.is_some() {
+            return;
+        }
+        w.busy_since = Some(Instant::now());
+        drop(w);
+        let (writer, path) = (Arc::clone(&self.writer), self.path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("metrics-writer".into())
+            .spawn(move || {
+                remove_written(&path);
+                lock(&writer).busy_since = None;
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "metrics: cannot start the thread that removes {}: {e}",
+                self.path.display()
+            );
+        }
     }
 
     /// A new heartbeat interval (SIGHUP).
@@ -287,33 +342,113 @@ impl Metrics {
         );
     }
 
-    /// Rewrites the file; a failure is logged once per distinct error and never stops a
-    /// heartbeat.
+    /// Rewrites the file (on the writing thread, see the module docs); a failure is logged
+    /// once per distinct error and never stops a heartbeat.
     pub fn write(&mut self) {
-        match write_atomic(&self.path, self.render().as_bytes()) {
-            Ok(()) => {
-                if self.write_error.take().is_some() {
-                    tracing::info!("metrics: writing {} works again", self.path.display());
-                }
+        let body = self.render();
+        let mut w = lock(&self.writer);
+        if let Some(since) = w.busy_since {
+            w.next = Some(body);
+            if since.elapsed() >= WRITE_STUCK_AFTER
+                && !std::mem::replace(&mut w.stuck_reported, true)
+            {
+                tracing::warn!(
+                    "metrics: writing {} has not returned for {}s: the file system there does not answer; \
+                     heartbeats go on, and the newest metrics are written when it does",
+                    self.path.display(),
+                    since.elapsed().as_secs()
+                );
             }
-            Err(e) => {
-                // tempfile's message names the random temp file, which would make every
-                // failure look new: one warning per kind of error, the message without it.
-                let msg = e.to_string();
-                let msg = msg
-                    .split(" at path ")
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                if self.write_error != Some(e.kind()) {
-                    tracing::warn!(
-                        "metrics: cannot write {}: {msg}; heartbeats go on, retried after each attempt \
-                         (the packaged unit needs a drop-in to write there: see \
-                         /usr/share/doc/exalsius-node-agent/operator-guide.md, \"Monitoring\")",
-                        self.path.display()
-                    );
-                    self.write_error = Some(e.kind());
-                }
+            return;
+        }
+        w.busy_since = Some(Instant::now());
+        drop(w);
+        let (writer, path) = (Arc::clone(&self.writer), self.path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("metrics-writer".into())
+            .spawn(move || write_until_drained(&writer, &path, body));
+        if let Err(e) = spawned {
+            lock(&self.writer).busy_since = None;
+            tracing::warn!(
+                "metrics: cannot start the writing thread: {e}; retried after the next attempt"
+            );
+        }
+    }
+
+    /// Waits (blocking) until no write is in flight, at most `within` (at exit: `run --once`
+    /// ends right after its one write).
+    /// A write that started longer than `within` ago is hung: not waited for at all.
+    pub fn flush(&self, within: Duration) {
+        loop {
+            match lock(&self.writer).busy_since {
+                Some(since) if since.elapsed() < within => {}
+                _ => return,
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until no write is in flight (tests).
+    #[cfg(test)]
+    fn flushed(&self) -> &Self {
+        self.flush(Duration::from_secs(60));
+        self
+    }
+}
+
+/// The writing thread: writes `body`, then whatever was asked for meanwhile, until nothing is.
+fn write_until_drained(writer: &Mutex<Writer>, path: &Path, mut body: String) {
+    loop {
+        let result = write_atomic(path, body.as_bytes());
+        let mut w = lock(writer);
+        report(&mut w, path, result);
+        if w.retired {
+            drop(w);
+            remove_written(path);
+            lock(writer).busy_since = None;
+            return;
+        }
+        match w.next.take() {
+            Some(next) => {
+                body = next;
+                w.busy_since = Some(Instant::now());
+            }
+            None => {
+                w.busy_since = None;
+                return;
+            }
+        }
+    }
+}
+
+/// Logs a write's result: each kind of error once, and the recovery.
+fn report(w: &mut Writer, path: &Path, result: std::io::Result<()>) {
+    if std::mem::take(&mut w.stuck_reported) {
+        tracing::info!("metrics: the hung write of {} has returned", path.display());
+    }
+    match result {
+        Ok(()) => {
+            if w.error.take().is_some() {
+                tracing::info!("metrics: writing {} works again", path.display());
+            }
+        }
+        Err(e) => {
+            // tempfile's message names the random temp file, which would make every
+            // failure look new: one warning per kind of error, the message without it.
+            let msg = e.to_string();
+            let msg = msg
+                .split(" at path ")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if w.error != Some(e.kind()) {
+                tracing::warn!(
+                    "metrics: cannot write {}: {msg}; heartbeats go on, retried after each attempt \
+                     (the packaged unit needs a drop-in to write there: see \
+                     /usr/share/doc/exalsius-node-agent/operator-guide.md, \"Monitoring\")",
+                    path.display()
+                );
+                w.error = Some(e.kind());
             }
         }
     }
@@ -368,6 +503,16 @@ fn remove_written(path: &Path) {
 /// The file in the state directory that records which metrics file the agent writes, so that
 /// a later start (or reload) whose configuration names another file, or none, can remove it.
 pub const WRITTEN_MARKER: &str = "metrics-textfile";
+
+/// [`adopt`] on a thread of its own (SIGHUP: the files it may remove are the operator's, on
+/// mounts that may not answer), at most one at a time; a reload while one is stuck skips it.
+pub fn adopt_off_runtime(state_dir: &Path, current: Option<&Path>) {
+    static ADOPTING: crate::bounded::Kind = crate::bounded::Kind::new();
+    let (dir, current) = (state_dir.to_path_buf(), current.map(Path::to_path_buf));
+    if let Err(e) = ADOPTING.spawn(move || adopt(&dir, current.as_deref())) {
+        tracing::warn!("metrics: the file an earlier configuration named is not checked now: {e}");
+    }
+}
 
 /// Makes `current` (the configured `metrics.textfile`, `None`: off) the one metrics file the
 /// agent answers for: a file an earlier run or configuration wrote elsewhere — recorded in
@@ -461,6 +606,34 @@ mod tests {
     }
 
     #[test]
+    fn writes_asked_for_while_one_is_in_flight_end_with_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.prom");
+        let mut m = Metrics::new(&path, Duration::from_secs(60), None);
+        // Held busy as a hung write would be: the writes queue, none starts a second thread.
+        lock(&m.writer).busy_since = Some(Instant::now());
+        for _ in 0..50 {
+            m.attempt("ok", Some(200), Duration::from_millis(1), &state());
+            m.write();
+        }
+        assert!(
+            !path.exists(),
+            "written while the first write was in flight"
+        );
+        let newest = lock(&m.writer).next.take().unwrap();
+        assert!(newest.contains("heartbeats_total{outcome=\"ok\"} 50\n"));
+        // When the hung write returns, the newest file goes out.
+        let writer = Arc::clone(&m.writer);
+        write_until_drained(&writer, &path, newest);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("outcome=\"ok\"} 50\n")
+        );
+        assert!(lock(&m.writer).busy_since.is_none());
+    }
+
+    #[test]
     fn labels_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         assert_eq!(num(3.0), "3");
@@ -473,6 +646,7 @@ mod tests {
         let path = dir.path().join("agent.prom");
         let mut m = Metrics::new(&path, Duration::from_secs(60), None);
         m.write();
+        m.flushed();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o644);
         let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -480,7 +654,7 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("agent.prom")]);
-        assert!(m.write_error.is_none());
+        assert!(lock(&m.writer).error.is_none());
         // A missing directory: remembered once, no panic.
         let mut bad = Metrics::new(
             &dir.path().join("missing/agent.prom"),
@@ -488,6 +662,6 @@ mod tests {
             None,
         );
         bad.write();
-        assert!(bad.write_error.is_some());
+        assert!(lock(&bad.flushed().writer).error.is_some());
     }
 }

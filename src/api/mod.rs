@@ -9,6 +9,6 @@ pub mod types;
 pub use client::{ApiClient, ClientError, Failure, FailureKind, Outcome, Probe, Success};
 pub use problem::Problem;
 pub use types::{
-    Answer, Issued, NodeHardware, NodePatchRequest, NodeSoftware, NodeSpecs, NodeSystem,
-    TokenResponse,
+    Answer, Issued, NodeHardware, NodePatchRequest, NodeSelfRegisterRequest, NodeSoftware,
+    NodeSpecs, NodeSystem, TokenResponse,
 };

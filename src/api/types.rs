@@ -232,6 +232,30 @@ fn truncate_json(v: &serde_json::Value) -> String {
     }
 }
 
+/// `NodeSelfRegisterRequest`: the body of `POST /node/self-register`.
+#[derive(Debug, Serialize)]
+pub struct NodeSelfRegisterRequest<'a> {
+    /// The registration token (the only place it is ever written to).
+    pub register_token: &'a str,
+    /// Node name.
+    pub hostname: &'a str,
+    /// SSH endpoint `host:port`.
+    pub endpoint: &'a str,
+    /// SSH user.
+    pub username: &'a str,
+    /// SSH key id.
+    pub ssh_key_id: &'a str,
+    /// USD per hour.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_per_hour: Option<f64>,
+    /// Hardware specs.
+    pub hardware: &'a NodeHardware,
+    /// Software versions.
+    pub software: &'a NodeSoftware,
+    /// OS and kernel.
+    pub system: &'a NodeSystem,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

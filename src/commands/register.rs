@@ -3,48 +3,29 @@
 //! On success the node id and the returned access token are written to the state file exactly
 //! as a rotated token is (atomic, 0600), so `run` needs neither in the config. The register
 //! token is sent once and never written or logged.
+//!
+//! Registering is a transaction with the API: once the POST is sent, the node may be in the
+//! pool, and only its answer holds the token. So a signal while the POST is in flight waits for
+//! the answer (and saves it), and an answer that is a 2xx but cannot be read ends `register`
+//! without a second POST, saying what happened and what to do.
 
 use super::{Exit, load_config, runtime};
-use crate::api::{ApiClient, FailureKind, NodeHardware, NodeSoftware, NodeSystem};
+use crate::api::{ApiClient, Failure, FailureKind, NodeSelfRegisterRequest, Success};
 use crate::cli::RegisterArgs;
 use crate::config::{Config, Overrides};
-use crate::heartbeat::Backoff;
 use crate::heartbeat::credentials::registered_state;
+use crate::heartbeat::{Schedule, Verdict};
 use crate::inventory::{Collector, HostCollector};
 use crate::secret::Secret;
 use crate::state::{LockError, StateStore};
-use serde::Serialize;
 use std::net::Ipv6Addr;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use uuid::Uuid;
 
 /// Attempts before `register` gives up on connection problems and 5xx: enough to ride out a
 /// restart of the API, few enough that an operator at the terminal gets an answer in seconds.
 pub const REGISTER_ATTEMPTS: u32 = 4;
-
-/// `NodeSelfRegisterRequest`.
-#[derive(Debug, Serialize)]
-pub struct NodeSelfRegisterRequest<'a> {
-    /// The registration token (the only place it is ever written to).
-    pub register_token: &'a str,
-    /// Node name.
-    pub hostname: &'a str,
-    /// SSH endpoint `host:port`.
-    pub endpoint: &'a str,
-    /// SSH user.
-    pub username: &'a str,
-    /// SSH key id.
-    pub ssh_key_id: &'a str,
-    /// USD per hour.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub price_per_hour: Option<f64>,
-    /// Hardware specs.
-    pub hardware: &'a NodeHardware,
-    /// Software versions.
-    pub software: &'a NodeSoftware,
-    /// OS and kernel.
-    pub system: &'a NodeSystem,
-}
 
 /// Checks `host:port` (IPv6 in brackets); returns a message naming the problem.
 pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
@@ -212,15 +193,23 @@ async fn register(
             Exit::config(e.to_string())
         }
     })?;
+    let mut stop = Stop::install();
     let collector = HostCollector::new(cfg.inventory.gpu, cfg.inventory.nvml_library.as_deref())
         .count_unhealthy_gpus(cfg.inventory.count_unhealthy_gpus);
-    let inventory = tokio::task::spawn_blocking(move || collector.collect())
-        .await
-        .map_err(|e| {
+    let collecting = tokio::task::spawn_blocking(move || collector.collect());
+    let inventory = tokio::select! {
+        biased;
+        sig = stop.recv() => {
+            return Err(Exit::runtime(format!(
+                "registration interrupted ({sig}) while collecting the inventory: nothing was sent, nothing registered"
+            )));
+        }
+        inv = collecting => inv.map_err(|e| {
             Exit::runtime(format!(
                 "registration failed: inventory collection failed: {e}"
             ))
-        })?;
+        })?,
+    };
     let hostname = args.hostname.clone().unwrap_or_else(local_hostname);
     let body = NodeSelfRegisterRequest {
         register_token: token.expose(),
@@ -236,7 +225,13 @@ async fn register(
     let body = serde_json::to_vec(&body)
         .map_err(|e| Exit::runtime(format!("registration failed: {e}")))?;
     let url = format!("{}/node/self-register", cfg.api.url);
-    let success = post_with_retries(&client, cfg, &url, body, &hostname).await?;
+    let post = Post {
+        client: &client,
+        cfg,
+        url: &url,
+        hostname: &hostname,
+    };
+    let (success, stopped) = post.with_retries(body, &mut stop).await?;
     let node_id = Uuid::parse_str(success.body.node_id.trim()).map_err(|_| {
         Exit::runtime(format!(
             "registration failed: the API answered with node_id {:?}, which is not a UUID",
@@ -263,33 +258,194 @@ async fn register(
             )));
         }
     }
+    if let Some(sig) = stopped {
+        tracing::warn!(
+            "{sig} came while the registration answer was on its way: node {node_id} is registered and its token saved; stopping now"
+        );
+    }
     Ok(node_id)
 }
 
-/// `POST` with up to [`REGISTER_ATTEMPTS`] attempts on connection problems and 5xx, backing off
-/// as the heartbeats do; each final failure says what it means for this node.
-async fn post_with_retries(
-    client: &ApiClient,
-    cfg: &Config,
-    url: &str,
-    body: Vec<u8>,
-    hostname: &str,
-) -> Result<crate::api::Success, Exit> {
-    let mut backoff = Backoff::new(cfg.heartbeat.initial_backoff, cfg.heartbeat.max_backoff);
-    let mut attempt = 0;
-    // An attempt that got no answer (a timeout, a reset) may still have registered the node.
-    let mut maybe_registered = false;
-    loop {
-        attempt += 1;
-        let f = match client.post_json(url, body.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(f) => f,
+/// SIGTERM, SIGINT and SIGHUP while `register` runs: before the POST they stop it at once;
+/// while the POST is in flight they wait for its answer (the API registers the node either
+/// way), bounded by the request's own timeout, so that the token is saved; a second signal
+/// stops it at once, saying what that means.
+struct Stop {
+    term: Option<Signal>,
+    int: Option<Signal>,
+    hup: Option<Signal>,
+}
+
+impl Stop {
+    fn install() -> Self {
+        let install = |kind, name| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                // Without the handler the signal keeps its default: it ends the process.
+                tracing::warn!("cannot handle {name}: {e}");
+                None
+            }
         };
+        Self {
+            term: install(SignalKind::terminate(), "SIGTERM"),
+            int: install(SignalKind::interrupt(), "SIGINT"),
+            hup: install(SignalKind::hangup(), "SIGHUP"),
+        }
+    }
+
+    /// The next signal's name (never returns without one).
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            Some(()) = next(&mut self.term) => "SIGTERM",
+            Some(()) = next(&mut self.int) => "SIGINT",
+            Some(()) = next(&mut self.hup) => "SIGHUP",
+            else => std::future::pending().await,
+        }
+    }
+}
+
+async fn next(s: &mut Option<Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The API answered 2xx (and registered the node), but the answer is unusable.
+fn accepted(f: &Failure) -> bool {
+    f.status.is_some_and(|s| (200..300).contains(&s))
+}
+
+/// The node may be registered without this agent holding its token: what to do.
+fn may_be_registered(hostname: &str, api: &str) -> String {
+    format!(
+        "node {hostname} may now be registered at {api} without this agent holding its token; \
+         register it again, but not under another name: look for {hostname} in the exalsius node pool, \
+         remove it there if it is listed (or ask exalsius support for its token), then run this register command again"
+    )
+}
+
+/// The registration POST and what its failures mean for this node.
+struct Post<'a> {
+    client: &'a ApiClient,
+    cfg: &'a Config,
+    url: &'a str,
+    hostname: &'a str,
+}
+
+impl Post<'_> {
+    /// `POST` with up to [`REGISTER_ATTEMPTS`] attempts on connection problems, 5xx and 429,
+    /// waiting between them as the heartbeats do (the heartbeat [`Schedule`]: backoff with
+    /// jitter, at least `Retry-After`). Returns the answer and the signal that came while it
+    /// was in flight, if one did.
+    async fn with_retries(
+        &self,
+        body: Vec<u8>,
+        stop: &mut Stop,
+    ) -> Result<(Success, Option<&'static str>), Exit> {
+        let mut schedule = Schedule::new(&self.cfg.heartbeat);
+        // An attempt that got no answer (a timeout, a reset) may still have registered the node.
+        let mut maybe_registered = false;
+        for attempt in 1..=REGISTER_ATTEMPTS {
+            let (outcome, stopped) = self.attempt(body.clone(), stop).await?;
+            let f = match outcome {
+                Ok(s) => return Ok((s, stopped)),
+                Err(f) => f,
+            };
+            // A 2xx that cannot be read registered the node: never followed by another POST.
+            let retry =
+                f.kind == FailureKind::Retryable && !accepted(&f) && attempt < REGISTER_ATTEMPTS;
+            if let Some(sig) = stopped.filter(|_| retry) {
+                return Err(self.failed(&format!(
+                    "{f} (interrupted by {sig}; not retried){}",
+                    self.maybe(maybe_registered || f.status.is_none())
+                )));
+            }
+            if !retry {
+                return Err(self.final_failure(&f, attempt, maybe_registered));
+            }
+            maybe_registered |= f.status.is_none() || f.status.is_some_and(|s| s >= 500);
+            let wait = schedule.next(
+                Verdict::Retryable {
+                    retry_after: f.retry_after,
+                },
+                None,
+                SystemTime::now(),
+            );
+            tracing::warn!(
+                "registration attempt {attempt} failed: {f}; retrying in {:.1}s",
+                wait.as_secs_f64()
+            );
+            tokio::select! {
+                biased;
+                sig = stop.recv() => {
+                    return Err(self.failed(&format!(
+                        "{f} (interrupted by {sig} before attempt {}){}",
+                        attempt + 1,
+                        self.maybe(maybe_registered)
+                    )));
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        Err(self.failed("no attempt was made"))
+    }
+
+    /// One POST. A signal while it is in flight waits for its answer, at most the request's
+    /// timeout (`api.timeout`); a second signal does not.
+    async fn attempt(
+        &self,
+        body: Vec<u8>,
+        stop: &mut Stop,
+    ) -> Result<(Result<Success, Failure>, Option<&'static str>), Exit> {
+        let post = self.client.post_json(self.url, body);
+        tokio::pin!(post);
+        let sig = tokio::select! {
+            biased;
+            outcome = &mut post => return Ok((outcome, None)),
+            sig = stop.recv() => sig,
+        };
+        tracing::warn!(
+            "{sig} received while the registration request is in flight: waiting up to {}s for the answer so that the node's token is saved (send it again to stop at once)",
+            self.cfg.api.timeout.as_secs()
+        );
+        let waited = tokio::select! {
+            biased;
+            again = stop.recv() => Err(again),
+            outcome = tokio::time::timeout(self.cfg.api.timeout, &mut post) => Ok(outcome),
+        };
+        match waited {
+            Ok(Ok(outcome)) => Ok((outcome, Some(sig))),
+            Ok(Err(_)) => Err(self.failed(&format!(
+                "interrupted by {sig}, and no answer came within {}s; {}",
+                self.cfg.api.timeout.as_secs(),
+                may_be_registered(self.hostname, &self.cfg.api.url)
+            ))),
+            Err(again) => Err(self.failed(&format!(
+                "interrupted by {sig}, then {again}, before the answer came; {}",
+                may_be_registered(self.hostname, &self.cfg.api.url)
+            ))),
+        }
+    }
+
+    /// What a failure that ends `register` means for this node.
+    fn final_failure(&self, f: &Failure, attempt: u32, maybe_registered: bool) -> Exit {
         let msg = match f.kind {
+            // A 2xx whose body was cut off or unreadable: the API has registered the node, the
+            // token did not arrive. Another POST would get 409 "already exists".
+            FailureKind::Retryable if accepted(f) => {
+                format!(
+                    "{f}: the API has most likely registered node {} but its access token did not arrive, \
+                     so nothing was saved and no second request was sent (it would fail with 409 \"already exists\"); {}",
+                    self.hostname,
+                    may_be_registered(self.hostname, &self.cfg.api.url)
+                )
+            }
             FailureKind::Conflict if maybe_registered => format!(
                 "{f}: an earlier attempt got no answer and may have registered this node \
-                 ({hostname}) already, but its token was never received; remove the node \
-                 from the pool (or ask exalsius support for its token) and register again"
+                 ({}) already, but its token was never received; remove the node \
+                 from the pool (or ask exalsius support for its token) and register again",
+                self.hostname
             ),
             FailureKind::Unauthorized => {
                 format!("{f}: the registration token is invalid or expired; get a new one")
@@ -297,22 +453,26 @@ async fn post_with_retries(
             FailureKind::Conflict => {
                 format!("{f}: a node with this hostname or endpoint already exists in the pool")
             }
-            FailureKind::Retryable if attempt < REGISTER_ATTEMPTS => {
-                maybe_registered |= f.status.is_none() || f.status.is_some_and(|s| s >= 500);
-                let wait = backoff
-                    .next_delay()
-                    .max(f.retry_after.unwrap_or(Duration::ZERO));
-                tracing::warn!(
-                    "registration attempt {attempt} failed: {f}; retrying in {:.1}s",
-                    wait.as_secs_f64()
-                );
-                tokio::time::sleep(wait).await;
-                continue;
-            }
             FailureKind::Retryable => format!("{f} (gave up after {attempt} attempts)"),
-            _ => f.message,
+            _ => f.message.clone(),
         };
-        return Err(Exit::runtime(format!("registration failed: {msg}")));
+        self.failed(&msg)
+    }
+
+    /// The advice for a failure after which the node may be registered.
+    fn maybe(&self, maybe_registered: bool) -> String {
+        if maybe_registered {
+            format!(
+                "; an attempt got no answer: {}",
+                may_be_registered(self.hostname, &self.cfg.api.url)
+            )
+        } else {
+            String::new()
+        }
+    }
+
+    fn failed(&self, msg: &str) -> Exit {
+        Exit::runtime(format!("registration failed: {msg}"))
     }
 }
 

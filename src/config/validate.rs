@@ -18,19 +18,34 @@ pub(super) fn validate_textfile(p: &Path) -> Result<Option<String>, String> {
             p.display()
         ));
     }
-    if p.is_dir() {
-        return Err(format!(
+    let parent = p.parent().map(Path::to_path_buf);
+    let (path, dir) = (p.to_path_buf(), parent.clone());
+    // The directory may sit on a mount that does not answer: that must not hold the start or
+    // a reload (the metrics writes have their own thread).
+    let answer = TEXTFILE_STAT.run(TEXTFILE_STAT_TIMEOUT, move || {
+        (path.is_dir(), dir.is_some_and(|d| d.is_dir()))
+    });
+    let shown = parent.as_deref().unwrap_or(p).display();
+    match answer {
+        Ok((true, _)) => Err(format!(
             "= {} is a directory; name a file in it",
             p.display()
-        ));
+        )),
+        Ok((false, true)) => Ok(None),
+        Ok((false, false)) => Ok(Some(format!(
+            "metrics.textfile: directory {shown} does not exist (yet); metrics are written once it does"
+        ))),
+        Err(e) => Ok(Some(format!(
+            "metrics.textfile: directory {shown} {e} (a file system that does not answer); heartbeats go on, metrics are written once it answers"
+        ))),
     }
-    Ok(p.parent().filter(|d| !d.is_dir()).map(|d| {
-        format!(
-            "metrics.textfile: directory {} does not exist (yet); metrics are written once it does",
-            d.display()
-        )
-    }))
 }
+
+/// Checks of the metrics directory, one in flight (see [`crate::bounded`]).
+static TEXTFILE_STAT: crate::bounded::Kind = crate::bounded::Kind::new();
+/// A local directory answers at once; a network mount that answers, in milliseconds.
+const TEXTFILE_STAT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Mode bits of a shared directory: writable by every user, or sticky (`/tmp`, `/var/tmp`),
 /// where anyone may create entries.
 pub const SHARED_DIR_BITS: u32 = 0o1002;

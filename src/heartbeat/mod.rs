@@ -10,6 +10,7 @@
 pub mod credentials;
 mod outcome;
 mod reload;
+mod reload_read;
 mod resume;
 pub mod schedule;
 pub mod sender;
@@ -282,6 +283,9 @@ impl Agent {
     }
 
     fn finish(&self, result: Result<(), RunError>) -> Result<(), RunError> {
+        if let Some(m) = &self.metrics {
+            m.flush(crate::metrics::EXIT_FLUSH_WAIT);
+        }
         if self.mode != Mode::Once {
             systemd::stopping();
             info!("stopped");
@@ -321,6 +325,7 @@ impl Agent {
         let mut refresh_deadline = Instant::now();
         let mut once_attempts = 0;
         let mode = self.mode;
+        let mut reloads = reload_read::Reloads::new(control.reloader.take());
         loop {
             if let Some(why) = self.restart_for_devices.take() {
                 return Err(RunError::RestartForDevices(why));
@@ -330,13 +335,28 @@ impl Agent {
                 biased;
                 _ = shutdown.cancelled() => return interrupted(mode),
                 Some(()) = recv_reload(&mut control.reload) => {
-                    self.reload(control.reloader.as_ref(), control.collectors.as_ref());
-                    // Pick up the new interval now, and retry soon after a fix.
-                    next_beat = next_beat.min(
-                        Instant::now() + jittered(self.cfg.heartbeat.interval, self.cfg.heartbeat.jitter),
-                    );
-                    next_refresh = Instant::now();
-                    systemd::ready();
+                    systemd::reloading();
+                    match reloads.request() {
+                        reload_read::Requested::Started | reload_read::Requested::Queued => {}
+                        reload_read::Requested::Stuck => systemd::ready(),
+                        reload_read::Requested::Unavailable => {
+                            next_refresh = Instant::now();
+                            systemd::ready();
+                        }
+                    }
+                }
+                loaded = reloads.next(), if reloads.busy() => {
+                    if let Some(loaded) = loaded {
+                        self.reload(loaded, control.collectors.as_ref());
+                        // Pick up the new interval now, and retry soon after a fix.
+                        next_beat = next_beat.min(
+                            Instant::now() + jittered(self.cfg.heartbeat.interval, self.cfg.heartbeat.jitter),
+                        );
+                        next_refresh = Instant::now();
+                    }
+                    if !reloads.busy() {
+                        systemd::ready();
+                    }
                 }
                 () = tokio::time::sleep_until(next_watchdog.min(far)), if watchdog_period.is_some() => {
                     systemd::watchdog();

@@ -1,29 +1,16 @@
 //! SIGHUP: every setting that can change without a restart.
 
 use super::*;
+use reload_read::Loaded;
 
 impl Agent {
     /// SIGHUP: applies every setting it can — logging, GPU discovery (a new collector), the
     /// API client, the schedule, the credentials; the state directory needs a restart.
     // Long: every setting a reload can apply, in the order they must be applied (all checks
     // first, so an invalid configuration changes nothing).
-    pub(super) fn reload(
-        &mut self,
-        reloader: Option<&Reloader>,
-        collectors: Option<&CollectorFactory>,
-    ) {
-        systemd::reloading();
-        let Some(reloader) = reloader else {
-            return;
-        };
-        let cfg = match reloader() {
-            Ok(c) => c,
-            Err(e) => {
-                error!("reload: keeping the running configuration: {e}");
-                return;
-            }
-        };
-        let client = match ApiClient::new(&cfg.api) {
+    pub(super) fn reload(&mut self, loaded: Loaded, collectors: Option<&CollectorFactory>) {
+        // Read off the runtime (reload_read.rs): a hung file costs that read only.
+        let (cfg, client) = match loaded {
             Ok(c) => c,
             Err(e) => {
                 error!("reload: keeping the running configuration: {e}");
@@ -118,6 +105,6 @@ impl Agent {
                 }
             }
         }
-        crate::metrics::adopt(self.store.dir(), cfg.metrics.textfile.as_deref());
+        crate::metrics::adopt_off_runtime(self.store.dir(), cfg.metrics.textfile.as_deref());
     }
 }

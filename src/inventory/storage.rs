@@ -196,16 +196,12 @@ pub fn disks(root: &Path) -> Vec<Disk> {
     out
 }
 
-/// Size of the filesystem mounted at `/` (the fallback when no disk is found).
+/// Size of the filesystem mounted at `/` (the fallback when no disk is found): `statvfs("/")`
+/// alone. Listing every mount to find `/` (as sysinfo's disk list does) would `statvfs` each of
+/// them, and one that stopped answering (a FUSE, Ceph or Lustre mount of datasets) would hang
+/// the inventory until it answers.
 pub fn root_filesystem_bytes() -> u64 {
-    let refresh = sysinfo::DiskRefreshKind::nothing().with_storage();
-    let Ok(disks) = sysinfo::Disks::new_with_refreshed_list_specifics(refresh) else {
-        return 0;
-    };
-    (&disks)
-        .into_iter()
-        .find(|d| d.mount_point() == Path::new("/"))
-        .map_or(0, sysinfo::Disk::total_space)
+    rustix::fs::statvfs("/").map_or(0, |s| s.f_blocks.saturating_mul(s.f_frsize))
 }
 
 /// Bytes → GB (10^9) rounded to nearest, saturating at `i32::MAX`.

@@ -13,6 +13,7 @@ mod daemon;
 mod doctor;
 mod fuzz;
 mod gpu;
+mod hung_fs;
 mod import_legacy;
 mod metrics;
 mod notify;

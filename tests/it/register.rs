@@ -379,3 +379,145 @@ async fn register_force_on_a_full_disk_keeps_the_old_state() {
         read("ls")
     );
 }
+
+/// `register` as a process, with the register token in the environment.
+fn spawn_register(agent: &Agent) -> std::process::Child {
+    let out = std::fs::File::create(agent.dir.path().join("stdout.register")).unwrap();
+    let err = std::fs::File::create(agent.dir.path().join("stderr.register")).unwrap();
+    clean_command()
+        .arg("--config")
+        .arg(agent.config_path())
+        .args(register_args(&[]))
+        .env("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM while the registration POST is in flight: the API registers the node either way,
+/// so `register` waits for the answer and saves the token before it stops; a second
+/// `register` then finds the registration instead of getting 409 for a node nothing can
+/// heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_the_registration_post_waits_for_the_answer_and_saves_it() {
+    let (api, agent) = setup().await;
+    agent.write_config(&bare_config(&api.url()));
+    api.script([Scripted::Late(Duration::from_millis(1500))]);
+    let mut child = spawn_register(&agent);
+    api.wait_requests(1, Duration::from_secs(10)).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < slack(Duration::from_secs(10)),
+            "never exited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let all = agent.all_output();
+    assert_eq!(status.code(), Some(0), "{status:?}: {all}");
+    assert!(all.contains("SIGTERM"), "{all}");
+    assert_eq!(agent.state_json()["access_token"], "registered-SECRET-1");
+    assert_eq!(agent.state_json()["node_id"], REGISTERED_ID);
+
+    let again = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    let again_text = text(&again);
+    assert_eq!(again.status.code(), Some(1), "{again_text}");
+    assert!(again_text.contains("already holds node"), "{again_text}");
+    assert_eq!(api.count(), 1, "a second POST");
+}
+
+/// A 2xx whose body is cut off: the API has registered the node, the token never arrived. A
+/// second POST would get 409 "already exists", inviting a registration under another name:
+/// `register` stops after the first, exit 1, and says what happened and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_2xx_answer_is_not_followed_by_a_second_post() {
+    let (addr, conns) =
+        support::hostile::raw_server(support::hostile::Misbehaviour::ResetMidBody).await;
+    let agent = Agent::new();
+    agent.write_config(&bare_config(&format!("http://{addr}/v1")));
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a second POST after a 2xx: {all}"
+    );
+    assert!(all.contains("HTTP 200"), "{all}");
+    assert!(all.contains("most likely registered"), "{all}");
+    assert!(all.contains("gpu-node-1"), "{all}");
+    assert!(all.contains("not under another name"), "{all}");
+    assert!(!agent.state_file().exists());
+    assert!(!all.contains(REGISTER_TOKEN), "token leaked: {all}");
+}
+
+/// A second signal while `register` waits for the answer stops it at once, saying that the
+/// node may be registered and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once_and_says_the_node_may_be_registered() {
+    let (api, agent) = setup().await;
+    agent.write_config(&bare_config(&api.url()));
+    api.script([Scripted::Late(Duration::from_secs(5))]);
+    let mut child = spawn_register(&agent);
+    api.wait_requests(1, Duration::from_secs(10)).await;
+    let kill = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    kill("-TERM");
+    agent
+        .wait_output("waiting up to", Duration::from_secs(5))
+        .await;
+    let started = std::time::Instant::now();
+    kill("-INT");
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < slack(Duration::from_secs(5)),
+            "never exited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(started.elapsed() < slack(Duration::from_secs(1)));
+    let all = agent.all_output();
+    assert_eq!(status.code(), Some(1), "{all}");
+    assert!(all.contains("then SIGINT"), "{all}");
+    assert!(all.contains("may now be registered"), "{all}");
+    assert!(all.contains("not under another name"), "{all}");
+}
+
+/// The retries wait as the heartbeats do: at least the server's `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_at_least_retry_after() {
+    let (api, agent) = setup().await;
+    agent.write_config(&bare_config(&api.url()));
+    api.script([Scripted::StatusWithHeader(503, "retry-after", "1".into())]);
+    let out = agent.output_env(
+        &register_args(&[]),
+        &[("EXALSIUS_REGISTER_TOKEN", REGISTER_TOKEN)],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let seen = api.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_secs(1), "retried after {gap:?}");
+}

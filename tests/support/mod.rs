@@ -44,6 +44,8 @@ pub enum Scripted {
     StatusWithHeader(u16, &'static str, String),
     Body(u16, &'static str, Vec<u8>),
     Delay(Duration),
+    /// The normal answer (a registration registers), sent this much later.
+    Late(Duration),
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +111,14 @@ impl Respond for Responder {
             body: req.body.clone(),
             status: 0,
         };
+        let late = match st.script.front() {
+            Some(Scripted::Late(d)) => {
+                let d = *d;
+                st.script.pop_front();
+                Some(d)
+            }
+            _ => None,
+        };
         let template = if let Some(s) = st.script.pop_front() {
             match s {
                 Scripted::Status(code) => {
@@ -127,6 +137,7 @@ impl Respond for Responder {
                     seen.status = 200;
                     ResponseTemplate::new(200).set_delay(d)
                 }
+                Scripted::Late(_) => unreachable!("taken above"),
             }
         } else if let Some(code) = st.always {
             seen.status = code;
@@ -228,7 +239,10 @@ impl Respond for Responder {
             }
         };
         st.seen.push(seen);
-        template
+        match late {
+            Some(d) => template.set_delay(d),
+            None => template,
+        }
     }
 }
 
