@@ -46,6 +46,8 @@ pub struct Metrics {
     last_status: Option<u16>,
     token_expiry: Option<SystemTime>,
     gpus: Option<i32>,
+    /// Where the token presented next is on disk (2, 1, 0: [`Metrics::token_persisted`]).
+    token_persisted: Option<u8>,
     refresh_seconds: Option<f64>,
     inventory_errors: BTreeMap<&'static str, u64>,
     /// The kind of the last write error warned about (one warning per kind).
@@ -69,6 +71,7 @@ impl Metrics {
             last_status: None,
             token_expiry: state.and_then(|s| s.token_expires_at),
             gpus: None,
+            token_persisted: None,
             refresh_seconds: None,
             inventory_errors: INVENTORY_SOURCES.iter().map(|s| (*s, 0)).collect(),
             write_error: None,
@@ -108,6 +111,12 @@ impl Metrics {
         self.last_success = state.last_success_at;
         self.consecutive_failures = state.consecutive_failures;
         self.token_expiry = state.token_expires_at;
+    }
+
+    /// Where the token presented next is on disk: 2 in `state.json`, 1 only in the token
+    /// reserve (`state.json` cannot be saved), 0 nowhere (a crash now loses it).
+    pub fn token_persisted(&mut self, level: u8) {
+        self.token_persisted = Some(level);
     }
 
     /// Records an inventory refresh: the GPUs it reported and how long it took.
@@ -190,6 +199,9 @@ impl Metrics {
         ];
         if let Some(t) = self.token_expiry {
             rows.push(("token_expiry_timestamp_seconds", "When the stored access token expires (Unix time); absent when the API did not say.", ts(t)));
+        }
+        if let Some(n) = self.token_persisted {
+            rows.push(("token_persisted", "Where the token presented next is on disk: 2 state.json, 1 only the token reserve (state.json cannot be saved), 0 nowhere (alarm: a crash now loses the node).", f64::from(n)));
         }
         if let Some(n) = self.gpus {
             rows.push(("gpus", "GPUs reported to the API.", f64::from(n)));

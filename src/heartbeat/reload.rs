@@ -31,11 +31,13 @@ impl Agent {
             }
         };
         if self.mode != Mode::DryRun {
-            if cfg.state.dir != self.store.dir() {
+            if let Some(dir) = self.sink.dir()
+                && cfg.state.dir != dir
+            {
                 warn!(
                     "reload: state.dir changed to {}; that takes a restart (systemctl restart exalsius-node-agent); still using {}",
                     cfg.state.dir.display(),
-                    self.store.dir().display()
+                    dir.display()
                 );
             }
             let mut creds = self.creds.clone();
@@ -43,11 +45,7 @@ impl Agent {
                 Ok(changed) => {
                     if let Some(why) = changed {
                         info!(node_id = %creds.state().node_id, "reload: {why}");
-                        resume::keep_if_replaced(
-                            &self.store,
-                            Some(self.creds.state()),
-                            creds.state(),
-                        );
+                        self.sink.keep_replaced(self.creds.state());
                     }
                     self.creds = creds;
                 }
