@@ -186,7 +186,7 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         crate::footprint::mark("state loaded");
         let previous = stored.clone();
         let (creds, choice) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
-        let sink = Disk::new(store, lock, on_disk);
+        let mut sink = Disk::new(store, lock, on_disk);
         if let (true, Some(previous)) = (choice.replaced(), &previous) {
             sink.keep_replaced(previous);
         }

@@ -36,8 +36,9 @@ pub trait Persist: Send {
     /// Persists `state` (its token is the one presented next).
     fn save(&mut self, state: &State) -> Saved;
     /// Credentials replaced `previous` (the operator configured another token, another
-    /// node): keeps it beside the state, bytes intact.
-    fn keep_replaced(&self, previous: &State);
+    /// node): keeps it beside the state — `state.json`'s bytes as they are, or, when
+    /// `previous` is newer than `state.json` (a full disk), in the reserve's third slot.
+    fn keep_replaced(&mut self, previous: &State);
     /// The state directory, when there is one.
     fn dir(&self) -> Option<&Path>;
 }
@@ -51,7 +52,7 @@ impl Persist for Nothing {
         Saved::NotKept
     }
 
-    fn keep_replaced(&self, _previous: &State) {}
+    fn keep_replaced(&mut self, _previous: &State) {}
 
     fn dir(&self) -> Option<&Path> {
         None
@@ -117,7 +118,30 @@ impl Persist for Disk {
         }
     }
 
-    fn keep_replaced(&self, previous: &State) {
+    fn keep_replaced(&mut self, previous: &State) {
+        let on_disk = self
+            .on_disk
+            .as_ref()
+            .is_some_and(|s| s.access_token == previous.access_token);
+        if !on_disk {
+            // Only in the reserve or in memory: state.json holds an older token (or none).
+            if previous.configured_token_sha256.as_deref()
+                == Some(previous.access_token.sha256_hex().as_str())
+            {
+                // The configured token itself: the operator holds it, and the slot may hold a
+                // rotated token only the agent had.
+                return;
+            }
+            match self.reserve.as_mut().map(|r| r.keep_replaced(previous)) {
+                Some(Ok(())) => info!(
+                    "the previous state (node {}) is kept in the token reserve's third slot (state.json could not be saved since it was issued)",
+                    previous.node_id
+                ),
+                Some(Err(e)) => warn!("{e}; the previous state is lost"),
+                None => warn!("no token reserve: the previous state is lost"),
+            }
+            return;
+        }
         // Nanoseconds: two replacements within a second must not share a name (the second copy
         // would take the place of the first).
         let stamp = std::time::SystemTime::now()

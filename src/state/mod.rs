@@ -13,7 +13,7 @@ mod lock;
 pub mod reserve;
 
 pub use lock::{LockError, StateLock};
-pub use reserve::{RESERVE_FILE, Reserve, ReserveEntry, ReserveError};
+pub use reserve::{RESERVE_FILE, Reserve, ReserveEntry, ReserveError, read_replaced};
 
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};

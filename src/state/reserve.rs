@@ -6,8 +6,9 @@
 //! needs no new blocks on ext4, xfs and tmpfs, and on btrfs only with the no-CoW attribute,
 //! set on the empty file ([`Reserve::open`]; docs/benchmarks.md has the measurements).
 //!
-//! Two slots of [`SLOT_LEN`] bytes, each `magic | sequence | length | SHA-256 | payload`; a
-//! write goes to the slot the newest one is not in, so a write torn by a crash leaves the
+//! Two slots of [`SLOT_LEN`] bytes, each `magic | sequence | length | SHA-256 | payload`, and
+//! a third where a state the operator's change replaced is kept while it cannot be kept as a
+//! file ([`Reserve::keep_replaced`]). A write goes to the slot the newest one is not in, so a write torn by a crash leaves the
 //! other slot intact (its checksum tells which one is whole). The payload is the state, plus
 //! the SHA-256 of the token `state.json` held when it was written (its *base*): the reserve is
 //! newer than `state.json` only while `state.json` still holds that token — a later successful
@@ -24,8 +25,10 @@ use std::path::{Path, PathBuf};
 pub const RESERVE_FILE: &str = "state.reserve";
 /// One slot: room for the longest token the agent accepts (16 KiB) and the state around it.
 pub const SLOT_LEN: usize = 20 * 1024;
-/// The whole file: two slots.
-pub const RESERVE_LEN: u64 = 2 * SLOT_LEN as u64;
+/// The whole file: two slots for the newest state, one for a replaced one.
+pub const RESERVE_LEN: u64 = 3 * SLOT_LEN as u64;
+/// Where the replaced state is kept.
+const REPLACED_AT: u64 = 2 * SLOT_LEN as u64;
 const MAGIC: &[u8; 8] = b"XNAGRSV1";
 /// magic (8) + sequence (8) + length (4) + SHA-256 (32).
 const HEADER_LEN: usize = 8 + 8 + 4 + 32;
@@ -140,6 +143,25 @@ impl Reserve {
     /// Writes `state` in place into the older slot, then `fdatasync`. `base` is the state
     /// `state.json` holds now (`None`: there is none).
     pub fn write(&mut self, state: &State, base: Option<&State>) -> Result<u64, ReserveError> {
+        let seq = self.seq + 1;
+        self.write_slot(state, base, seq, (seq % 2) * SLOT_LEN as u64)?;
+        self.seq = seq;
+        Ok(seq)
+    }
+
+    /// Keeps `state`, which the operator's change replaces and which is newer than any file
+    /// (it lived in the reserve or in memory), in the third slot ([`read_replaced`]).
+    pub fn keep_replaced(&mut self, state: &State) -> Result<(), ReserveError> {
+        self.write_slot(state, None, self.seq, REPLACED_AT)
+    }
+
+    fn write_slot(
+        &mut self,
+        state: &State,
+        base: Option<&State>,
+        seq: u64,
+        offset: u64,
+    ) -> Result<(), ReserveError> {
         let payload = Payload {
             base: base.map(|s| s.access_token.sha256_hex()),
             state: StateFile::from(state),
@@ -155,7 +177,6 @@ impl Reserve {
                 len: body.len(),
             });
         }
-        let seq = self.seq + 1;
         let mut slot = vec![0u8; SLOT_LEN];
         slot[..8].copy_from_slice(MAGIC);
         slot[8..16].copy_from_slice(&seq.to_le_bytes());
@@ -163,7 +184,6 @@ impl Reserve {
         slot[16..20].copy_from_slice(&(body.len() as u32).to_le_bytes());
         slot[20..52].copy_from_slice(&Sha256::digest(&body));
         slot[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(&body);
-        let offset = (seq % 2) * SLOT_LEN as u64;
         self.file
             .write_all_at(&slot, offset)
             .and_then(|()| self.file.sync_data())
@@ -171,19 +191,41 @@ impl Reserve {
                 action: "cannot write in place",
                 path: self.path.clone(),
                 source,
-            })?;
-        self.seq = seq;
-        Ok(seq)
+            })
     }
 }
 
 /// Reads the newest whole entry of the reserve in `dir`; `Ok(None)` when there is no reserve
 /// or no whole entry in it. Never follows a symlink and never blocks on a FIFO.
 pub fn read(dir: &Path) -> Result<Option<ReserveEntry>, ReserveError> {
+    let bytes = read_bytes(dir)?;
+    Ok(newest(&bytes[..bytes.len().min(REPLACED_AT as usize)]).and_then(entry))
+}
+
+/// Reads the state kept by [`Reserve::keep_replaced`], if any.
+pub fn read_replaced(dir: &Path) -> Result<Option<State>, ReserveError> {
+    let bytes = read_bytes(dir)?;
+    Ok(bytes
+        .get(REPLACED_AT as usize..)
+        .and_then(slot)
+        .and_then(entry)
+        .map(|e| e.state))
+}
+
+fn entry((seq, payload): (u64, &[u8])) -> Option<ReserveEntry> {
+    let p: Payload = serde_json::from_slice(payload).ok()?;
+    Some(ReserveEntry {
+        seq,
+        base: p.base,
+        state: p.state.into(),
+    })
+}
+
+fn read_bytes(dir: &Path) -> Result<Vec<u8>, ReserveError> {
     let path = dir.join(RESERVE_FILE);
     let file = match crate::perms::open_read_nofollow(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) if crate::perms::is_symlink_error(&e) => {
             return Err(ReserveError::NotAFile { path });
         }
@@ -206,14 +248,7 @@ pub fn read(dir: &Path) -> Result<Option<ReserveEntry>, ReserveError> {
     let mut bytes = vec![0u8; RESERVE_LEN as usize];
     let have = read_up_to(&file, &mut bytes).map_err(io_err)?;
     bytes.truncate(have);
-    Ok(newest(&bytes).and_then(|(seq, payload)| {
-        let p: Payload = serde_json::from_slice(payload).ok()?;
-        Some(ReserveEntry {
-            seq,
-            base: p.base,
-            state: p.state.into(),
-        })
-    }))
+    Ok(bytes)
 }
 
 /// The newest slot whose checksum holds: its sequence number and payload.
@@ -305,6 +340,27 @@ mod tests {
         let e = read(dir.path()).unwrap().unwrap();
         assert_eq!((e.seq, e.state.access_token.expose()), (2, "t3"));
         assert!(e.supersedes(None));
+        // A replaced state has its own slot: the newest is not disturbed.
+        assert!(read_replaced(dir.path()).unwrap().is_none());
+        r.keep_replaced(&state("t-old")).unwrap();
+        r.write(&state("t4"), None).unwrap();
+        assert_eq!(
+            read_replaced(dir.path())
+                .unwrap()
+                .unwrap()
+                .access_token
+                .expose(),
+            "t-old"
+        );
+        assert_eq!(
+            read(dir.path())
+                .unwrap()
+                .unwrap()
+                .state
+                .access_token
+                .expose(),
+            "t4"
+        );
     }
 
     #[test]

@@ -646,6 +646,8 @@ impl World {
             return;
         };
         let token = self.ledger.lock().unwrap().issue("legacy");
+        // The legacy tool's file keeps it: the operator has it, imported or not.
+        self.configured.push(token.clone());
         let legacy = parse_legacy(
             &format!("NODE_ID={NODE}\nAPI_URL={}\nAUTH_TOKEN={token}\n", self.url),
             Path::new("/root/.config/exalsius/config.env"),
@@ -691,6 +693,9 @@ impl World {
         }
         if let Some(t) = self.next_from_disk() {
             tokens.push(t);
+        }
+        if let Ok(Some(replaced)) = exalsius_node_agent::state::read_replaced(&self.state_dir) {
+            tokens.push(replaced.access_token.expose().to_string());
         }
         tokens
     }
