@@ -364,6 +364,35 @@ mod tests {
     }
 
     #[test]
+    fn the_store_reads_the_reserve_while_it_is_newer_than_state_json() {
+        use crate::state::StateStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let mut saved = state("t1");
+        saved.consecutive_failures = 0;
+        store.save(&saved).unwrap();
+        let mut r = Reserve::open(dir.path()).unwrap();
+        // state.json cannot be saved: t2 goes to the reserve, with the attempts since.
+        let mut newer = state("t2");
+        newer.consecutive_failures = 3;
+        newer.last_error = Some("HTTP 503".into());
+        r.write(&newer, Some(&saved)).unwrap();
+        let loaded = store.peek_parts().unwrap();
+        let got = loaded.state.unwrap();
+        assert_eq!(got.access_token.expose(), "t2");
+        assert_eq!(got.consecutive_failures, 3, "status tells the truth");
+        assert_eq!(loaded.on_disk.unwrap().access_token.expose(), "t1");
+        assert_eq!(loaded.reserve_seq, Some(1));
+        assert!(loaded.warnings.iter().any(|w| w.contains("state.reserve")));
+        assert_eq!(store.load().unwrap().0.unwrap().access_token.expose(), "t2");
+        // state.json saved again (with t2 or anything newer): the reserve is stale.
+        store.save(&state("t3")).unwrap();
+        let loaded = store.peek_parts().unwrap();
+        assert_eq!(loaded.state.unwrap().access_token.expose(), "t3");
+        assert_eq!(loaded.reserve_seq, None);
+    }
+
+    #[test]
     fn mode_and_symlinks() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
