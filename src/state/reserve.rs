@@ -392,6 +392,53 @@ mod tests {
         assert_eq!(loaded.reserve_seq, None);
     }
 
+    /// bench/reserve-full-disk.sh: on the (empty) file system at `EXALSIUS_RESERVE_BENCH_DIR`,
+    /// opens the reserve, fills the file system, then overwrites the reserve 200 times and
+    /// prints how many writes worked (and the median time of one).
+    #[test]
+    #[ignore = "run by bench/reserve-full-disk.sh on a loop-mounted file system"]
+    fn bench_overwrites_on_a_full_file_system() {
+        use std::io::Write;
+        let Some(dir) = std::env::var_os("EXALSIUS_RESERVE_BENCH_DIR") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let mut r = Reserve::open(&dir).unwrap();
+        let mut filler = std::fs::File::create(dir.join("filler")).unwrap();
+        let chunk = vec![1u8; 64 * 1024];
+        while filler.write_all(&chunk).is_ok() {}
+        let small = [1u8; 512];
+        while filler.write_all(&small).is_ok() {}
+        while filler.write_all(&small[..1]).is_ok() {}
+        let _ = filler.sync_all();
+        let full = std::fs::write(dir.join("probe"), b"x")
+            .and_then(|()| std::fs::File::open(dir.join("probe")).and_then(|f| f.sync_all()));
+        let (mut ok, mut first_error, mut took) = (0, None, Vec::new());
+        for i in 0..200 {
+            let t = format!("token-{i}-{}", "x".repeat(i % 64));
+            let start = std::time::Instant::now();
+            match r.write(&state(&t), None) {
+                Ok(_) => {
+                    ok += 1;
+                    took.push(start.elapsed());
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        took.sort();
+        let last = read(&dir)
+            .ok()
+            .flatten()
+            .map(|e| e.state.access_token.expose().to_string());
+        println!(
+            "RESULT ok={ok}/200 full={} median_us={} last_read_back={last:?} first_error={first_error:?}",
+            full.is_err(),
+            took.get(took.len() / 2).map_or(0, |d| d.as_micros())
+        );
+    }
+
     #[test]
     fn mode_and_symlinks() {
         use std::os::unix::fs::PermissionsExt;
