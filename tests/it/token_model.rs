@@ -216,7 +216,9 @@ impl Ledger {
         };
         self.refused_in_row = 0;
         self.oks += 1;
-        if let Some(next) = self.toks[i].next.clone() {
+        if self.policy == Policy::ReuseGrace
+            && let Some(next) = self.toks[i].next.clone()
+        {
             // Within the grace: the same answer again.
             return Some(next);
         }
@@ -1076,8 +1078,26 @@ fn situations(tmpfs: bool) {
         Restart,
         ImportLegacyForce,
     ];
+    let two_blips = vec![
+        Beat(Normal),
+        Beat(Spurious401),
+        Beat(Spurious401),
+        Beat(Normal),
+        Beat(Normal),
+    ];
+    // Found by the random search: the configured token accepted as the last resort is answered
+    // with a fresh token (not the one it was answered with before).
+    let fallback_accepted = vec![
+        Beat(StopInFlight),
+        Beat(StopInFlight),
+        Beat(Spurious401),
+        Beat(Spurious401),
+        Beat(Normal),
+        Beat(Normal),
+    ];
     let no_grace = [RetireOnIssue, ReuseDetection];
-    let table: [(&str, Vec<Event>, &[Policy]); 11] = [
+    let reuse = [ReuseDetection, ReuseGrace];
+    let table: [(&str, Vec<Event>, &[Policy]); 13] = [
         ("state disk full, then emptied", full_then_emptied, &[]),
         ("SIGKILL while full, restart, emptied", kill_while_full, &[]),
         ("SIGTERM while full, restart, emptied", stop_while_full, &[]),
@@ -1088,6 +1108,12 @@ fn situations(tmpfs: bool) {
             &[],
         ),
         ("one spurious 401 for a valid token", spurious_401, &[]),
+        ("two spurious 401s in a row", two_blips, &reuse),
+        (
+            "the configured token accepted as the last resort",
+            fallback_accepted,
+            &reuse,
+        ),
         ("an issued token ending in CR LF", white_space, &[]),
         (
             "answer lost (SIGKILL after the server rotated)",
