@@ -17,6 +17,7 @@ mod import_legacy;
 mod metrics;
 mod notify;
 mod outside_text;
+mod policies;
 mod register;
 mod reliability;
 mod reload;
