@@ -23,10 +23,10 @@ impl Agent {
         match &self.persisted {
             Saved::StateFile | Saved::NotKept => {}
             Saved::Reserve { seq, why } => warn!(
-                "cannot save the state file: {why}; the newest token is in the token reserve (entry {seq}) and is the one sent; saving is retried every heartbeat"
+                "cannot persist state: {why}; the newest token is in the token reserve (entry {seq}) and is the one sent; saving state.json is retried every heartbeat"
             ),
             Saved::Nowhere { why } => error!(
-                "cannot persist the token anywhere: {why}; the newest token is sent (never one the API has answered) but a crash now loses it: free the state disk; saving is retried every heartbeat"
+                "cannot persist state anywhere, not even in the token reserve: {why}; the newest token is sent (never one the API has answered) but a crash now loses it: free the state disk; saving is retried every heartbeat"
             ),
         }
         if let Some(m) = &mut self.metrics {
