@@ -165,3 +165,46 @@ impl Persist for Disk {
         Some(self.store.dir())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::secret::Secret;
+    use uuid::Uuid;
+
+    #[test]
+    fn a_failed_save_goes_to_the_reserve_and_then_nowhere_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let store = StateStore::new(&dir);
+        let lock = store.lock().unwrap();
+        let mut disk = Disk::new(store.clone(), lock, None);
+        let mut state = State::new(Uuid::nil(), "https://a.example", Secret::new("t1"), None);
+        assert_eq!(disk.save(&state), Saved::StateFile);
+        assert_eq!(Saved::StateFile.level(), Some(2));
+        // state.json cannot be written any more (the directory moved, a file in its place):
+        // the reserve, open since the start, takes the newest token.
+        std::fs::rename(&dir, tmp.path().join("moved")).unwrap();
+        std::fs::write(&dir, "in the way").unwrap();
+        state.access_token = Secret::new("t2");
+        let saved = disk.save(&state);
+        assert!(matches!(saved, Saved::Reserve { seq: 1, .. }), "{saved:?}");
+        assert_eq!(saved.level(), Some(1));
+        let moved = StateStore::new(tmp.path().join("moved"))
+            .peek()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            moved.access_token.expose(),
+            "t2",
+            "the reserve is read beside it"
+        );
+        // The reserve cannot take it either (too large for a slot): nowhere, said so.
+        state.description = Some("x".repeat(crate::state::reserve::SLOT_LEN));
+        let saved = disk.save(&state);
+        assert!(matches!(saved, Saved::Nowhere { .. }), "{saved:?}");
+        assert_eq!(saved.level(), Some(0));
+        assert_eq!(Nothing.save(&state), Saved::NotKept);
+    }
+}
