@@ -40,7 +40,8 @@ pub enum Command {
     /// Run the agent in the foreground (what systemd starts): heartbeat until SIGTERM.
     ///
     /// SIGHUP re-reads the configuration (an invalid one is refused and the old one kept) and
-    /// refreshes the inventory. SIGTERM/SIGINT stop within a second, exit 0.
+    /// refreshes the inventory. SIGTERM/SIGINT stop within a second, exit 0 (a heartbeat in
+    /// flight gets up to 800 ms for its answer, whose new token is saved first).
     Run(RunArgs),
     /// Collect and print this node's specs. Needs no configuration and no network.
     Inventory(InventoryArgs),
