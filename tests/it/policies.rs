@@ -133,3 +133,126 @@ async fn issue_table_under_reuse_detection() {
 async fn issue_table_under_reuse_detection_with_grace() {
     check(Policy::ReuseGrace(2 * SECOND), true).await;
 }
+
+const CHILD_ENV: &str = "EXALSIUS_POLICIES_CHILD";
+
+/// The first two rows of the table through the real binary: the state disk (a 256 KiB tmpfs
+/// in a mount namespace of the test's own, as root) fills up while tokens rotate, the agent
+/// is stopped, killed and restarted on the full disk, then the disk is emptied. Under every
+/// policy the node heartbeats on throughout (the newest token is in the reserve before it is
+/// sent), `status` says where the token is, and `state.json` holds it again once the disk has
+/// room. As another user there is no tmpfs to fill: skipped (the token model covers it with
+/// directory modes).
+#[test]
+fn a_full_state_disk_under_every_policy() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        if !exalsius_node_agent::perms::is_root() {
+            eprintln!("skipped: needs root for a tmpfs of its own");
+            return;
+        }
+        let out = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "policies::a_full_state_disk_under_every_policy",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let all = text(&out);
+        eprintln!("{all}");
+        assert!(out.status.success() && all.contains("1 passed"), "{all}");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for policy in [
+        Policy::RetireOnIssue,
+        Policy::RetireOnUse,
+        Policy::ExpiryOnly,
+        Policy::ReuseDetection,
+        Policy::ReuseGrace(2 * SECOND),
+    ] {
+        rt.block_on(full_disk(policy));
+    }
+}
+
+async fn full_disk(policy: Policy) {
+    let (api, mut agent) = setup_with("").await;
+    api.with(|s| {
+        s.policy = policy;
+        if policy == Policy::ExpiryOnly {
+            s.expires_in = Some(3);
+        }
+    });
+    let dir = agent.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    agent.spawn(&[]);
+    arrived(&api, 3).await;
+    // The disk fills up.
+    let filler = dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&[0u8]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let n = api.count();
+    assert!(heartbeats_on(&api, n).await, "{policy:?}: while full");
+    // SIGTERM on the full disk: status tells where the newest token is.
+    agent.stop();
+    let status = agent.output(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["token_saved_in"], "reserve", "{policy:?}: {v}");
+    let n = api.count();
+    agent.spawn(&[]);
+    assert!(
+        heartbeats_on(&api, n).await,
+        "{policy:?}: restarted on the full disk"
+    );
+    // SIGKILL on the full disk.
+    agent.signal("KILL");
+    agent.wait_exit(5 * SECOND);
+    let n = api.count();
+    agent.spawn(&[]);
+    assert!(
+        heartbeats_on(&api, n).await,
+        "{policy:?}: after SIGKILL on the full disk"
+    );
+    // Emptied: state.json holds the newest token again.
+    std::fs::remove_file(&filler).unwrap();
+    let n = api.count();
+    assert!(heartbeats_on(&api, n).await, "{policy:?}: emptied");
+    agent.stop();
+    let saved = agent.state_json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(Some(&saved), api.issued().last(), "{policy:?}");
+    let status = agent.output(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["token_saved_in"], "state.json", "{policy:?}: {v}");
+    let n = api.count();
+    agent.spawn(&[]);
+    assert!(
+        heartbeats_on(&api, n).await,
+        "{policy:?}: after the disk was emptied"
+    );
+    agent.stop();
+    let _ = std::process::Command::new("umount").arg(&dir).status();
+    eprintln!("{policy:?}: full disk, SIGTERM and SIGKILL on it, emptied: heartbeats on");
+}
