@@ -1,6 +1,7 @@
-//! What the loop resumes from: the stored state at start-up and when credentials replace it —
-//! what is read, what is moved aside, what is kept beside it, and what stops the agent rather
-//! than lose a token (the rule is in ARCHITECTURE.md, "The rule for the stored token").
+//! What the loop resumes from at start-up: what is read (`state.json`, and the token reserve
+//! beside it when it is newer), what is moved aside, and what stops the agent rather than lose
+//! a token (the rule is in ARCHITECTURE.md, "The rule for the stored token"). A state that
+//! credentials replace is kept by the sink (`persist.rs`).
 
 use super::*;
 
