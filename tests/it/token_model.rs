@@ -112,6 +112,8 @@ struct Ledger {
     lost: Vec<String>,
     /// 401s in a row for the stored (not configured) token.
     refused_in_row: u32,
+    /// Every token presented to the server.
+    presented: Vec<String>,
     /// Breaches of "a token the server has answered is never presented again".
     violations: Vec<String>,
     /// The sequence reached a cell no client survives (named).
@@ -129,6 +131,7 @@ impl Ledger {
             oks: 0,
             lost: Vec::new(),
             refused_in_row: 0,
+            presented: Vec::new(),
             violations: Vec::new(),
             unsurvivable: None,
         }
@@ -183,6 +186,7 @@ impl Ledger {
 
     /// A heartbeat with `token`: refused, or accepted with the next token.
     fn heartbeat(&mut self, token: &str) -> Option<String> {
+        self.presented.push(token.to_string());
         let i = self.find(token);
         if let Some(i) = i
             && self.toks[i].answered_at.is_some()
@@ -230,6 +234,24 @@ impl Ledger {
             self.retired_before = self.retired_before.max(i);
         }
         Some(next)
+    }
+
+    /// Under a grace: an answer was lost and its token was not presented again before the
+    /// grace ran out (the agent was stopped, or the operator replaced the token, meanwhile).
+    fn grace_lapsed(&mut self) {
+        if self.policy != Policy::ReuseGrace || self.unsurvivable.is_some() {
+            return;
+        }
+        let lapsed = self.toks.iter().any(|t| {
+            self.lost.contains(&t.value)
+                && t.answered_at.is_some_and(|at| at.elapsed() > GRACE)
+                && t.next.as_ref().is_some_and(|n| !self.presented.contains(n))
+        });
+        if lapsed {
+            self.unsurvivable = Some(
+                "an answer lost in flight, and the grace ran out before its token was presented again (the agent was stopped or reconfigured meanwhile)",
+            );
+        }
     }
 
     /// The answer to `token` was lost on the way (the agent was killed before it read it).
@@ -751,7 +773,9 @@ impl World {
 
     /// The cell no client survives that this sequence reached, if any.
     fn unsurvivable(&self) -> Option<&'static str> {
-        self.ledger.lock().unwrap().unsurvivable
+        let mut ledger = self.ledger.lock().unwrap();
+        ledger.grace_lapsed();
+        ledger.unsurvivable
     }
 
     /// The machine is healed (disk emptied, modes as the agent made them, the URL fixed) and
@@ -1095,9 +1119,19 @@ fn situations(tmpfs: bool) {
         Beat(Normal),
         Beat(Normal),
     ];
+    // Found by the random search (ReuseGrace, 250 sequences): a lost answer, then a mistyped
+    // token configured before the agent presented the old one again: the grace runs out.
+    let lost_then_reconfigured = vec![
+        Beat(KillInFlight),
+        ReloadWrongToken,
+        Restart,
+        Beat(Normal),
+        Beat(Normal),
+    ];
     let no_grace = [RetireOnIssue, ReuseDetection];
     let reuse = [ReuseDetection, ReuseGrace];
-    let table: [(&str, Vec<Event>, &[Policy]); 13] = [
+    let lost_beyond_grace = [RetireOnIssue, ReuseDetection, ReuseGrace];
+    let table: [(&str, Vec<Event>, &[Policy]); 14] = [
         ("state disk full, then emptied", full_then_emptied, &[]),
         ("SIGKILL while full, restart, emptied", kill_while_full, &[]),
         ("SIGTERM while full, restart, emptied", stop_while_full, &[]),
@@ -1121,6 +1155,11 @@ fn situations(tmpfs: bool) {
             &no_grace,
         ),
         ("restarts, reloads", restarts_and_reloads, &[]),
+        (
+            "answer lost, then a mistyped token configured",
+            lost_then_reconfigured,
+            &lost_beyond_grace,
+        ),
         ("a state file the service cannot read", unreadable, &[]),
         (
             "import-legacy --force on a full disk",
