@@ -41,7 +41,8 @@ pub enum Command {
     ///
     /// SIGHUP re-reads the configuration (an invalid one is refused and the old one kept, as
     /// when its files do not answer within 5 s) and refreshes the inventory. SIGTERM/SIGINT
-    /// stop within a second, exit 0, also while a file read hangs.
+    /// stop within a second, exit 0, also while a file read hangs (a heartbeat in flight gets
+    /// up to 800 ms for its answer, whose new token is saved first).
     Run(RunArgs),
     /// Collect and print this node's specs. Needs no configuration and no network.
     Inventory(InventoryArgs),

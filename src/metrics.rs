@@ -71,6 +71,8 @@ pub struct Metrics {
     gpus: Option<i32>,
     /// Per NVML GPU (index, UUID, bus id): its health states (`gpu_health_state`).
     gpu_states: Vec<GpuStates>,
+    /// Where the token presented next is on disk (2, 1, 0: [`Metrics::token_persisted`]).
+    token_persisted: Option<u8>,
     refresh_seconds: Option<f64>,
     inventory_errors: BTreeMap<&'static str, u64>,
     /// The thread that writes the file (shared by clones).
@@ -114,6 +116,7 @@ impl Metrics {
             token_expiry: state.and_then(|s| s.token_expires_at),
             gpus: None,
             gpu_states: Vec::new(),
+            token_persisted: None,
             refresh_seconds: None,
             inventory_errors: INVENTORY_SOURCES.iter().map(|s| (*s, 0)).collect(),
             writer: Arc::default(),
@@ -182,6 +185,12 @@ impl Metrics {
         self.last_success = state.last_success_at;
         self.consecutive_failures = state.consecutive_failures;
         self.token_expiry = state.token_expires_at;
+    }
+
+    /// Where the token presented next is on disk: 2 in `state.json`, 1 only in the token
+    /// reserve (`state.json` cannot be saved), 0 nowhere (a crash now loses it).
+    pub fn token_persisted(&mut self, level: u8) {
+        self.token_persisted = Some(level);
     }
 
     /// Records an inventory refresh: the GPUs it reported and how long it took.
@@ -304,6 +313,9 @@ impl Metrics {
         ];
         if let Some(t) = self.token_expiry {
             rows.push(("token_expiry_timestamp_seconds", "When the stored access token expires (Unix time); absent when the API did not say.", ts(t)));
+        }
+        if let Some(n) = self.token_persisted {
+            rows.push(("token_persisted", "Where the token presented next is on disk: 2 state.json, 1 only the token reserve (state.json cannot be saved), 0 nowhere (alarm: a crash now loses the node).", f64::from(n)));
         }
         if let Some(n) = self.gpus {
             rows.push(("gpus", "GPUs reported to the API.", f64::from(n)));

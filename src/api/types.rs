@@ -137,7 +137,10 @@ impl TokenResponse {
         let token = match self.next_access_token {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(t)) => {
-                if let Some(why) = implausible_token(&t) {
+                // RFC 6750's b64token holds no white space: at the edges (a trailing newline)
+                // it is framing, trimmed; refusing the token would present the answered one.
+                let t = t.trim();
+                if let Some(why) = implausible_token(t) {
                     return Err(format!("an unusable next_access_token: {why}"));
                 }
                 Some(Secret::new(t))
@@ -339,5 +342,15 @@ mod tests {
         assert!(read(&long).is_err());
         // node_id is required.
         assert!(read(r#"{"next_access_token":"t"}"#).is_err());
+    }
+
+    #[test]
+    fn white_space_at_the_edges_of_a_token_is_trimmed() {
+        for v in [r#""t-1\n""#, r#"" t-1""#, r#""\tt-1\r\n""#] {
+            let body = format!(r#"{{"node_id":"n","next_access_token":{v}}}"#);
+            let issued = read(&body).unwrap().issued.unwrap();
+            assert_eq!(issued.token.expose(), "t-1", "{body}");
+        }
+        assert!(read(r#"{"node_id":"n","next_access_token":" \n "}"#).is_err());
     }
 }

@@ -25,6 +25,9 @@ struct StatusView {
     /// Why health cannot be judged from the timestamps (the clock moved back).
     #[serde(skip_serializing_if = "Option::is_none")]
     note: Option<String>,
+    /// `state.json`, or `reserve` while `state.json` could not be saved since the newest token
+    /// was issued (that token is in `state.reserve` and is the one presented next).
+    token_saved_in: &'static str,
 }
 
 /// Runs `status`: 0 when the last success is younger than 3 × `heartbeat.interval`, else 1
@@ -33,7 +36,9 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
     let cfg = load_config(overrides)?;
     let store = StateStore::new(&cfg.state.dir);
     // Read only: `status` changes nothing, not even a mode that is too open.
-    let state = match store.peek() {
+    let loaded = store.peek_parts();
+    let in_reserve = loaded.as_ref().is_ok_and(|l| l.reserve_seq.is_some());
+    let state = match loaded.map(|l| l.state) {
         Ok(Some(s)) => s,
         Ok(None) => {
             if args.json {
@@ -49,7 +54,10 @@ pub fn run(overrides: &Overrides, args: &StatusArgs) -> Result<(), Exit> {
         Err(e) => return Err(Exit::runtime(e.to_string())),
     };
     let now = SystemTime::now();
-    let view = view(&state, cfg.heartbeat.interval.saturating_mul(3), now);
+    let mut view = view(&state, cfg.heartbeat.interval.saturating_mul(3), now);
+    if in_reserve {
+        view.token_saved_in = "reserve";
+    }
     if args.json {
         let s = serde_json::to_string_pretty(&view)
             .map_err(|e| Exit::runtime(format!("cannot render the status: {e}")))?;
@@ -100,6 +108,7 @@ fn view(state: &State, limit: Duration, now: SystemTime) -> StatusView {
             .unwrap_or_else(|| "Bearer".to_string()),
         token_expires_at: state.token_expires_at.map(rfc3339),
         healthy: age.is_some_and(|a| a < limit),
+        token_saved_in: "state.json",
         healthy_if_success_within_seconds: limit.as_secs(),
         note: ahead.map(|d| {
             format!(
@@ -133,6 +142,11 @@ fn render(view: &StatusView, state: &State, now: SystemTime) -> String {
         },
     };
     let limit = short(Duration::from_secs(view.healthy_if_success_within_seconds));
+    let saved = if view.token_saved_in == "reserve" {
+        "state file:           NOT SAVED since the newest token was issued (a full disk?): it is in state.reserve, which the agent reads beside state.json\n"
+    } else {
+        ""
+    };
     let health = if let Some(note) = &view.note {
         format!("UNKNOWN ({note})")
     } else if view.healthy {
@@ -143,7 +157,7 @@ fn render(view: &StatusView, state: &State, now: SystemTime) -> String {
     format!(
         "node:                 {}\napi:                  {}\nlast attempt:         {}: {result}\n\
          last success:         {}\nconsecutive failures: {}\ntoken:                {}, {expiry}\n\
-         health:               {health}\n",
+         {saved}health:               {health}\n",
         view.node_id,
         view.api_url,
         ago(state.last_attempt_at),

@@ -2,46 +2,106 @@
 //! machine (no I/O, no clock of its own); the loop and `register` feed it events and persist
 //! what it says is stored.
 //!
-//! Rules:
+//! The rule (ARCHITECTURE.md, "The rule for the stored token"): a token the server has
+//! answered is never presented again (the one exception no client avoids: an answer that never
+//! arrived); a token is on disk before it is presented; what is on disk is the token presented
+//! next. So:
 //! - The stored token changes only when the API issues a new one in a 2xx
 //!   ([`Credentials::on_accepted`], [`store_issued`]), when the operator configures a
 //!   different token ([`Credentials::start`], [`Credentials::reconfigure`]), or when a
 //!   registration replaces the state. A rejection never replaces it.
-//! - On 401/403 for the stored (rotated) token: one immediate try with the configured
-//!   configured token, if there is one and it differs; after that the two alternate on the slow
-//!   schedule ([`Credentials::on_rejected`]).
+//! - The newest token is the one sent, always: the loop persists it (in `state.json`, or in
+//!   the token reserve when that save fails) before the next request goes out. No policy of
+//!   the server makes an older one the better choice: under reuse detection presenting an
+//!   answered token revokes the whole family.
+//! - On 401/403 for the stored token: the stored token again after a short pause (a blip of
+//!   the auth backend is the likeliest cause); only when it is refused again the configured
+//!   token, once at once, then the two alternate on the slow schedule
+//!   ([`Credentials::on_rejected`]). The configured token has been answered once the node
+//!   rotated, so under reuse detection it is the last resort.
 //! - A stored token that looks expired by the wall clock is still tried first: the clock can
 //!   be wrong early at boot, and only the API knows.
-//! - A token is sent only once it is on disk: while the state cannot be saved (a full disk),
-//!   the last saved token keeps going out ([`Credentials::on_saved`]). A careful API retires
-//!   older tokens when a newer one is used, so using an unsaved token would leave the disk
-//!   with a retired one — and a crash or restart then loses the node. A 401 meanwhile is
-//!   handled as any other (a blip must not make the agent use the unsaved one); an API that
-//!   retires a token when it issues the next one gets the newest as soon as a save works.
+//! - An issued token with white space at its edges is trimmed (RFC 6750's b64token holds none).
 
 use crate::api::Issued;
 use crate::config::Config;
 use crate::secret::Secret;
 use crate::state::State;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use uuid::Uuid;
+
+/// The pause before the stored token is presented again after a 401/403: an auth backend's
+/// blip (a replica restarting, a cache miss) passes in seconds, and presenting the configured
+/// token instead may count as reuse.
+pub const STORED_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Which token goes out next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sending {
     /// The stored token (rotated, registered, or the configured one before any rotation).
     Stored,
-    /// The configured token, after the stored one was rejected.
+    /// The configured token, after the stored one was rejected twice.
     Configured,
 }
 
 /// What to do after a 401/403.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterRejection {
+    /// Present the stored token again after [`STORED_RETRY_PAUSE`].
+    RetryStoredSoon,
     /// Try again at once, with the configured token.
     RetryNow,
     /// Try again on the slow schedule; `switched` when the token to send changed.
     RetrySlowly { switched: bool },
+}
+
+/// How far the rejections since the last success went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rejections {
+    None,
+    /// The stored token was refused once and is presented again after the pause.
+    StoredOnce,
+    /// The stored token was refused twice: the configured one was tried.
+    FellBack,
+}
+
+/// Which token start-up (or a reload) chose, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// No state yet: the configured token.
+    NoState,
+    /// The state is another node's: the configured token replaces it.
+    OtherNode,
+    /// The configured token changed: it replaces the stored one.
+    ConfiguredChanged,
+    /// The stored (rotated) token.
+    Stored,
+    /// The stored token, carried over to a changed `api.url`.
+    CarriedOver,
+    /// A registered node's token (no configured one).
+    Registered,
+}
+
+impl Choice {
+    /// Whether the choice replaced a stored state (which is then kept beside it).
+    pub fn replaced(self) -> bool {
+        matches!(self, Choice::OtherNode | Choice::ConfiguredChanged)
+    }
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Choice::NoState => "no state yet: starting from the configured token",
+            Choice::OtherNode => "state is for another node: starting from the configured token",
+            Choice::ConfiguredChanged => "the configured token changed: starting from it",
+            Choice::Stored => "using the stored (rotated) token",
+            Choice::CarriedOver => {
+                "api.url changed: using the stored (rotated) token with it (the configured token is the fallback)"
+            }
+            Choice::Registered => "using the registered node's token from the state file",
+        })
+    }
 }
 
 /// The token state of a running agent.
@@ -50,17 +110,18 @@ pub struct Credentials {
     state: State,
     configured: Option<Secret>,
     sending: Sending,
-    /// The immediate fallback was used since the last success.
-    fell_back: bool,
-    /// The last token known to be on disk (or in the configuration), while the newer stored
-    /// one is not saved yet: it is what goes out until a save works.
-    saved: Option<Secret>,
+    rejections: Rejections,
 }
 
-/// The one path from an API answer to a stored token: the new token, its type and expiry
-/// replace the stored ones.
+/// The one path from an API answer to a stored token: the new token (white space at its edges
+/// trimmed), its type and expiry replace the stored ones.
 pub fn store_issued(state: &mut State, issued: Issued, now: SystemTime) {
-    state.access_token = issued.token;
+    let token = issued.token.expose();
+    state.access_token = if token.trim() == token {
+        issued.token
+    } else {
+        Secret::new(token.trim())
+    };
     state.token_type = issued.token_type;
     state.token_expires_at = issued.expires_in.and_then(|d| now.checked_add(d));
 }
@@ -75,35 +136,34 @@ pub fn registered_state(node_id: Uuid, api_url: &str, issued: Issued, now: Syste
 impl Credentials {
     /// Start-up: the stored token when the state belongs to this node, API and configured
     /// token (even if it looks expired); otherwise the configured one. A registered node (no
-    /// configured token) uses its state as it is. Returns why, for the log.
-    pub fn start(cfg: &Config, stored: Option<State>) -> Result<(Self, &'static str), String> {
+    /// configured token) uses its state as it is. Returns the choice (for the log, and to keep
+    /// a replaced state).
+    pub fn start(cfg: &Config, stored: Option<State>) -> Result<(Self, Choice), String> {
         let file = cfg.file_hint();
         match (&cfg.api.node_id, &cfg.api.access_token) {
             (Some(node_id), Some(token)) => {
                 let sha = token.sha256_hex();
-                let reason = match &stored {
-                    None => "no state yet: starting from the configured token",
-                    Some(s) if s.node_id != *node_id => {
-                        "state is for another node: starting from the configured token"
-                    }
+                let choice = match &stored {
+                    None => Choice::NoState,
+                    Some(s) if s.node_id != *node_id => Choice::OtherNode,
                     Some(s) if s.configured_token_sha256.as_deref() != Some(sha.as_str()) => {
-                        "the configured token changed: starting from it"
+                        Choice::ConfiguredChanged
                     }
                     // Same node, same configured token, another URL: a typo fixed, an alias, a
                     // proxy — the same API. The stored token goes with it (the configured one
                     // stays the fallback after a 401); starting from the configured token
-                    // would send one the API retired at the first rotation.
-                    Some(s) if s.api_url != cfg.api.url => CARRIED_OVER,
-                    Some(_) => USING_STORED,
+                    // would present one the API has answered.
+                    Some(s) if s.api_url != cfg.api.url => Choice::CarriedOver,
+                    Some(_) => Choice::Stored,
                 };
                 let state = match stored {
-                    Some(mut s) if reason == USING_STORED || reason == CARRIED_OVER => {
+                    Some(mut s) if matches!(choice, Choice::Stored | Choice::CarriedOver) => {
                         s.api_url.clone_from(&cfg.api.url);
                         s
                     }
                     _ => State::new(*node_id, &cfg.api.url, token.clone(), Some(token)),
                 };
-                Ok((Self::new(state, Some(token.clone())), reason))
+                Ok((Self::new(state, Some(token.clone())), choice))
             }
             (None, Some(_)) => Err(format!(
                 "api.access_token is set but api.node_id is not: set api.node_id in {file} (or EXALSIUS_NODE_ID)"
@@ -134,10 +194,7 @@ impl Credentials {
                         cfg.origin_of("api.url")
                     ));
                 }
-                Ok((
-                    Self::new(s, None),
-                    "using the registered node's token from the state file",
-                ))
+                Ok((Self::new(s, None), Choice::Registered))
             }
         }
     }
@@ -148,19 +205,16 @@ impl Credentials {
             state,
             configured,
             sending: Sending::Stored,
-            fell_back: false,
-            saved: None,
+            rejections: Rejections::None,
         }
     }
 
     /// SIGHUP: the same rules as at start-up, applied to the running state. `Ok(None)` when
-    /// nothing changes (the alternation in progress goes on); `Ok(Some(why))` when the
-    /// operator's change replaced the stored token.
-    pub fn reconfigure(&mut self, cfg: &Config) -> Result<Option<&'static str>, String> {
-        let (next, why) = Self::start(cfg, Some(self.state.clone()))?;
-        if next.state.access_token == self.state.access_token
-            && next.state.node_id == self.state.node_id
-        {
+    /// the stored token stays (the alternation in progress goes on); `Ok(Some(choice))` when
+    /// the operator's change replaced it.
+    pub fn reconfigure(&mut self, cfg: &Config) -> Result<Option<Choice>, String> {
+        let (next, choice) = Self::start(cfg, Some(self.state.clone()))?;
+        if !choice.replaced() {
             self.configured = next.configured;
             self.state.api_url = next.state.api_url;
             if self.configured.is_none() {
@@ -169,26 +223,15 @@ impl Credentials {
             return Ok(None);
         }
         *self = next;
-        Ok(Some(why))
+        Ok(Some(choice))
     }
 
     /// The token to send next.
     pub fn token(&self) -> &Secret {
-        match (self.sending, &self.configured, &self.saved) {
-            (Sending::Configured, Some(b), _) => b,
-            (_, _, Some(saved)) => saved,
+        match (self.sending, &self.configured) {
+            (Sending::Configured, Some(b)) => b,
             _ => &self.state.access_token,
         }
-    }
-
-    /// Whether the stored token is newer than the one on disk (a save failed since it came).
-    pub fn unsaved(&self) -> bool {
-        self.saved.is_some()
-    }
-
-    /// The state was written: the stored token is on disk and goes out from now on.
-    pub fn on_saved(&mut self) {
-        self.saved = None;
     }
 
     /// Which token goes out next.
@@ -212,16 +255,13 @@ impl Credentials {
         self.configured.as_ref()
     }
 
-    /// A 2xx: a new token is stored and sent from now on; without one, the token that was
-    /// accepted keeps going out. Returns true when the stored token changed.
+    /// A 2xx: a new token is stored and sent from now on (once the loop has persisted it);
+    /// without one, the token that was accepted keeps going out. Returns true when the stored
+    /// token changed.
     pub fn on_accepted(&mut self, issued: Option<Issued>, now: SystemTime) -> bool {
-        self.fell_back = false;
+        self.rejections = Rejections::None;
         match issued {
             Some(issued) => {
-                if self.saved.is_none() {
-                    // Until the new one is saved, the one on disk is what goes out.
-                    self.saved = Some(self.state.access_token.clone());
-                }
                 store_issued(&mut self.state, issued, now);
                 self.sending = Sending::Stored;
                 true
@@ -232,32 +272,32 @@ impl Credentials {
 
     /// A 401/403 for the token just sent. The stored token stays as it is.
     pub fn on_rejected(&mut self) -> AfterRejection {
-        let stored = self.saved.as_ref().unwrap_or(&self.state.access_token);
-        let alternative = self.configured.as_ref().is_some_and(|b| b != stored);
-        if !alternative {
-            self.sending = Sending::Stored;
-            return AfterRejection::RetrySlowly { switched: false };
-        }
-        match self.sending {
-            Sending::Stored if !self.fell_back => {
-                self.fell_back = true;
+        let alternative = self
+            .configured
+            .as_ref()
+            .is_some_and(|b| *b != self.state.access_token);
+        match (self.sending, self.rejections) {
+            (Sending::Stored, Rejections::None) => {
+                self.rejections = Rejections::StoredOnce;
+                AfterRejection::RetryStoredSoon
+            }
+            (Sending::Stored, Rejections::StoredOnce) if alternative => {
+                self.rejections = Rejections::FellBack;
                 self.sending = Sending::Configured;
                 AfterRejection::RetryNow
             }
-            Sending::Stored => {
+            (Sending::Stored, _) if alternative => {
                 self.sending = Sending::Configured;
                 AfterRejection::RetrySlowly { switched: true }
             }
-            Sending::Configured => {
+            (Sending::Stored, _) => AfterRejection::RetrySlowly { switched: false },
+            (Sending::Configured, _) => {
                 self.sending = Sending::Stored;
                 AfterRejection::RetrySlowly { switched: true }
             }
         }
     }
 }
-
-const USING_STORED: &str = "using the stored (rotated) token";
-const CARRIED_OVER: &str = "api.url changed: using the stored (rotated) token with it (the configured token is the fallback)";
 
 #[cfg(test)]
 mod tests {
@@ -303,12 +343,8 @@ mod tests {
         Reload(&'static str),
         /// Restart of the process: start-up from the stored state and this configured token.
         Restart(&'static str),
-        /// A 2xx with a new token that could not be saved (a full disk).
-        OkUnsaved(&'static str),
-        /// A save worked again.
-        Saved,
     }
-    use AfterRejection::{RetryNow, RetrySlowly};
+    use AfterRejection::{RetryNow, RetrySlowly, RetryStoredSoon};
     use Ev::*;
 
     /// Runs `events` from a fresh start with `boot`, checking after each event the token sent
@@ -331,12 +367,7 @@ mod tests {
             match ev.clone() {
                 Ok(t) => {
                     c.on_accepted(t.map(issued), now);
-                    c.on_saved();
                 }
-                OkUnsaved(t) => {
-                    c.on_accepted(Some(issued(t)), now);
-                }
-                Saved => c.on_saved(),
                 Reject(expected) => assert_eq!(c.on_rejected(), expected, "row {i}: {ev:?}"),
                 Reload(t) => {
                     c.reconfigure(&boot_cfg(t)).unwrap();
@@ -371,35 +402,38 @@ mod tests {
     }
 
     #[test]
-    fn a_token_goes_out_only_once_it_is_saved() {
+    fn the_newest_token_goes_out_and_an_answered_one_never_again() {
         table(
             "boot",
             None,
             &[
                 (Ok(Some("r1")), "r1", "r1"),
-                // The disk is full: r2, r3 are kept in memory, r1 (on disk) keeps going out.
-                (OkUnsaved("r2"), "r1", "r2"),
-                (OkUnsaved("r3"), "r1", "r3"),
-                // A 401 meanwhile: the configured token once, then r1 again, never r3.
+                // Whether or not state.json could be saved (the loop puts r2 in the reserve
+                // then), r2 is what goes out: r1 has been answered.
+                (Ok(Some("r2")), "r2", "r2"),
+                (Ok(Some("r3")), "r3", "r3"),
+                // A 401 meanwhile: r3 again after a pause, then the configured token, never r1
+                // or r2.
+                (Reject(RetryStoredSoon), "r3", "r3"),
                 (Reject(RetryNow), "boot", "r3"),
-                (Reject(RetrySlowly { switched: true }), "r1", "r3"),
-                (OkUnsaved("r4"), "r1", "r4"),
-                (Saved, "r4", "r4"),
-                (OkUnsaved("r5"), "r4", "r5"),
+                (Reject(RetrySlowly { switched: true }), "r3", "r3"),
+                (Ok(Some("r4")), "r4", "r4"),
             ],
         );
     }
 
     #[test]
-    fn one_spurious_401_never_replaces_the_rotated_token() {
-        // The API retired the configured token once r1 was used; a blip rejects r1 once.
+    fn one_spurious_401_is_answered_with_the_stored_token_again() {
+        // Under reuse detection the configured token (answered when r1 was issued) would
+        // revoke the family: a blip that rejects r1 once is retried with r1.
         table(
             "boot",
             Some("r1"),
             &[
-                (Reject(RetryNow), "boot", "r1"),
-                (Reject(RetrySlowly { switched: true }), "r1", "r1"),
+                (Reject(RetryStoredSoon), "r1", "r1"),
                 (Ok(Some("r2")), "r2", "r2"),
+                // After a success the pause comes first again.
+                (Reject(RetryStoredSoon), "r2", "r2"),
             ],
         );
     }
@@ -410,16 +444,19 @@ mod tests {
             "boot",
             Some("r1"),
             &[
+                (Reject(RetryStoredSoon), "r1", "r1"),
                 (Reject(RetryNow), "boot", "r1"),
                 (Reject(RetrySlowly { switched: true }), "r1", "r1"),
                 (Reject(RetrySlowly { switched: true }), "boot", "r1"),
                 (Reject(RetrySlowly { switched: true }), "r1", "r1"),
                 // A restart during the alternation starts from the stored token again.
                 (Restart("boot"), "r1", "r1"),
+                (Reject(RetryStoredSoon), "r1", "r1"),
                 (Reject(RetryNow), "boot", "r1"),
                 // The configured token is accepted: what it is issued is stored.
                 (Ok(Some("r2")), "r2", "r2"),
-                // After a success the immediate fallback is available again.
+                // After a success the pause and the immediate fallback come again.
+                (Reject(RetryStoredSoon), "r2", "r2"),
                 (Reject(RetryNow), "boot", "r2"),
             ],
         );
@@ -431,6 +468,7 @@ mod tests {
             "boot",
             Some("r1"),
             &[
+                (Reject(RetryStoredSoon), "r1", "r1"),
                 (Reject(RetryNow), "boot", "r1"),
                 (Ok(None), "boot", "r1"),
                 (Ok(Some("r2")), "r2", "r2"),
@@ -444,6 +482,7 @@ mod tests {
             "boot",
             None,
             &[
+                (Reject(RetryStoredSoon), "boot", "boot"),
                 (Reject(RetrySlowly { switched: false }), "boot", "boot"),
                 (Reject(RetrySlowly { switched: false }), "boot", "boot"),
             ],
@@ -467,6 +506,7 @@ mod tests {
             "boot",
             Some("r1"),
             &[
+                (Reject(RetryStoredSoon), "r1", "r1"),
                 (Reject(RetryNow), "boot", "r1"),
                 (Reload("boot"), "boot", "r1"),
             ],
@@ -486,6 +526,7 @@ mod tests {
         );
         let (mut got, _) = Credentials::start(&c, Some(creds.state().clone())).unwrap();
         assert!(got.configured().is_none());
+        assert_eq!(got.on_rejected(), RetryStoredSoon);
         assert_eq!(
             got.on_rejected(),
             RetrySlowly { switched: false },
@@ -514,7 +555,7 @@ mod tests {
         rotated.token_expires_at = Some(now - Duration::from_secs(1));
         let (got, why) = Credentials::start(&c, Some(rotated.clone())).unwrap();
         assert_eq!(got.token().expose(), "rot-1");
-        assert_eq!(why, USING_STORED);
+        assert_eq!(why, Choice::Stored);
         // Other node → configured token.
         let mut other = rotated.clone();
         other.node_id = Uuid::nil();
@@ -532,7 +573,7 @@ mod tests {
         other.api_url = "https://b.example".into();
         let (got, why) = Credentials::start(&c, Some(other)).unwrap();
         assert_eq!(got.token().expose(), "rot-1");
-        assert_eq!(why, CARRIED_OVER);
+        assert_eq!(why, Choice::CarriedOver);
         assert_eq!(got.state().api_url, c.api.url);
         assert_eq!(got.configured().map(Secret::expose), Some("boot"));
     }
@@ -555,5 +596,13 @@ mod tests {
             now,
         );
         assert_eq!(s.token_expires_at, None);
+    }
+
+    #[test]
+    fn an_issued_token_with_white_space_at_its_edges_is_trimmed() {
+        let mut c = Credentials::new(State::new(Uuid::nil(), "u", Secret::new("a"), None), None);
+        assert!(c.on_accepted(Some(issued(" \tb-1\r\n")), SystemTime::now()));
+        assert_eq!(c.token().expose(), "b-1");
+        assert_eq!(c.state().access_token.expose(), "b-1");
     }
 }

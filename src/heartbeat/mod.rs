@@ -9,6 +9,7 @@
 
 pub mod credentials;
 mod outcome;
+pub mod persist;
 mod reload;
 mod reload_read;
 mod resume;
@@ -16,7 +17,8 @@ pub mod schedule;
 pub mod sender;
 mod specs;
 
-pub use credentials::{AfterRejection, Credentials, Sending};
+pub use credentials::{AfterRejection, Choice, Credentials, STORED_RETRY_PAUSE, Sending};
+pub use persist::{Disk, Nothing, Persist, Saved};
 pub use schedule::{
     Backoff, MIN_TOKEN_REFRESH_WAIT, Schedule, Verdict, equal_jitter, jittered, secs,
 };
@@ -29,7 +31,7 @@ use crate::config::{Config, ConfigError};
 use crate::inventory::{Collector, Inventory};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
-use crate::state::{LockError, State, StateLock, StateStore, rfc3339};
+use crate::state::{LockError, State, StateStore, rfc3339};
 use crate::systemd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +45,10 @@ use uuid::Uuid;
 /// An inventory collection that takes longer than this is abandoned for this round (the last
 /// good specs are sent); NVML on a faulted GPU can block for minutes.
 pub const COLLECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stop waits for the answer to the heartbeat in flight (which may carry the only
+/// token the API still accepts): the rest of the second a stop is promised in, left for saving
+/// it and exiting.
+pub const STOP_DRAIN: Duration = Duration::from_millis(800);
 /// Attempts made by `run --once` before it gives up.
 pub const ONCE_ATTEMPTS: u32 = 3;
 
@@ -131,9 +137,11 @@ pub struct Agent {
     sender: Box<dyn Sender>,
     /// The sender was given by [`Agent::with_sender`]: a reload keeps it.
     fixed_sender: bool,
-    store: StateStore,
-    /// Held for the agent's lifetime: one writer per state directory (`None` in dry-run).
-    _lock: Option<StateLock>,
+    /// Where the state goes after every attempt (the state directory under its lock, or
+    /// nothing in dry-run).
+    sink: Box<dyn Persist>,
+    /// Where the last save put it.
+    persisted: Saved,
     creds: Credentials,
     schedule: Schedule,
     /// The API rejected the last body (400/422): the next attempt is a pure heartbeat.
@@ -162,11 +170,11 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         Mode::Daemon | Mode::Once => Box::new(client),
     };
     let store = StateStore::new(&cfg.state.dir);
-    let (lock, creds) = if mode == Mode::DryRun {
+    let (sink, creds): (Box<dyn Persist>, _) = if mode == Mode::DryRun {
         // No network, no state: the body is all that matters.
         let id = cfg.api.node_id.unwrap_or(Uuid::nil());
         let state = State::new(id, &cfg.api.url, Secret::new(""), None);
-        (None, Credentials::new(state, None))
+        (Box::new(Nothing), Credentials::new(state, None))
     } else {
         let lock = store.lock().map_err(|e| match e {
             LockError::State(e) => RunError::State(e.to_string()),
@@ -176,22 +184,26 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         if stale > 0 {
             info!("removed {stale} temp file(s) left by an interrupted state write");
         }
-        let stored = resume::load(&store)?;
+        let (stored, on_disk) = resume::load(&store)?;
         crate::footprint::mark("state loaded");
         let previous = stored.clone();
-        let (creds, reason) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
-        resume::keep_if_replaced(&store, previous.as_ref(), creds.state());
+        let (creds, choice) = Credentials::start(&cfg, stored).map_err(RunError::Credentials)?;
+        let mut sink = Disk::new(store, lock, on_disk);
+        if let (true, Some(previous)) = (choice.replaced(), &previous) {
+            sink.keep_replaced(previous);
+        }
         info!(
             node_id = %creds.state().node_id,
             api = %cfg.api.url,
-            state_dir = %store.dir().display(),
-            "{reason}"
+            state_dir = %cfg.state.dir.display(),
+            "{choice}"
         );
-        (Some(lock), creds)
+        (Box::new(sink), creds)
     };
-    if lock.is_some() {
-        // A metrics file an earlier run wrote elsewhere does not outlive its configuration.
-        crate::metrics::adopt(store.dir(), cfg.metrics.textfile.as_deref());
+    if let Some(dir) = sink.dir() {
+        // A metrics file an earlier run wrote elsewhere does not outlive its configuration
+        // (no state directory for --dry-run: it touches nothing).
+        crate::metrics::adopt(dir, cfg.metrics.textfile.as_deref());
     }
     let metrics = match (mode, &cfg.metrics.textfile) {
         (Mode::DryRun, _) | (_, None) => None,
@@ -207,8 +219,8 @@ pub fn prepare(cfg: Config, mode: Mode, collector: Arc<dyn Collector>) -> Result
         mode,
         sender,
         fixed_sender: false,
-        store,
-        _lock: lock,
+        sink,
+        persisted: Saved::NotKept,
         creds,
         bodyless_next: false,
         failing_since: None,
@@ -385,14 +397,24 @@ impl Agent {
                     refresh_deadline = Instant::now() + COLLECT_TIMEOUT;
                 }
                 () = tokio::time::sleep_until(next_beat) => {
-                    let outcome = {
+                    let (outcome, stopping) = {
                         let attempt = self.attempt();
                         tokio::pin!(attempt);
                         loop {
                             tokio::select! {
                                 biased;
-                                _ = shutdown.cancelled() => return interrupted(mode),
-                                o = &mut attempt => break o,
+                                _ = shutdown.cancelled() => {
+                                    // The server may have rotated the token already: its
+                                    // answer is read (bounded) and saved before the stop.
+                                    match tokio::time::timeout(STOP_DRAIN, &mut attempt).await {
+                                        Ok(o) => break (o, true),
+                                        Err(_) => {
+                                            warn!("stopping: no answer to the heartbeat in flight within {STOP_DRAIN:?}; if the API answered it, that answer is lost");
+                                            return interrupted(mode);
+                                        }
+                                    }
+                                }
+                                o = &mut attempt => break (o, false),
                                 // A slow request must not starve the watchdog.
                                 () = tokio::time::sleep_until(next_watchdog.min(far)), if watchdog_period.is_some() => {
                                     systemd::watchdog();
@@ -402,6 +424,12 @@ impl Agent {
                         }
                     };
                     let next = self.handle(outcome.0, outcome.1);
+                    if stopping {
+                        return match (mode, &next.failure) {
+                            (Mode::Once, None) => Ok(()),
+                            _ => interrupted(mode),
+                        };
+                    }
                     if let Some(result) = self.once_done(&next, &mut once_attempts) {
                         return result;
                     }

@@ -18,17 +18,22 @@ impl Agent {
             Ok(success) => self.on_success(success, now),
             Err(failure) => self.on_failure(failure, now, had_body),
         };
-        if self.mode != Mode::DryRun {
-            match self.store.save(self.creds.state()) {
-                Ok(()) => self.creds.on_saved(),
-                Err(e) if self.creds.unsaved() => error!(
-                    "cannot persist state: {e}; the new token is kept in memory, the last saved one is sent until saving works again (retried every heartbeat)"
-                ),
-                Err(e) => error!("cannot persist state: {e}; saving is retried every heartbeat"),
-            }
+        // Before the next request: the token it presents is on disk first.
+        self.persisted = self.sink.save(self.creds.state());
+        match &self.persisted {
+            Saved::StateFile | Saved::NotKept => {}
+            Saved::Reserve { seq, why } => warn!(
+                "cannot persist state: {why}; the newest token is in the token reserve (entry {seq}) and is the one sent; saving state.json is retried every heartbeat"
+            ),
+            Saved::Nowhere { why } => error!(
+                "cannot persist state anywhere, not even in the token reserve: {why}; the newest token is sent (never one the API has answered) but a crash now loses it: free the state disk; saving is retried every heartbeat"
+            ),
         }
         if let Some(m) = &mut self.metrics {
             m.attempt(label, status, self.sent_at.elapsed(), self.creds.state());
+            if let Some(level) = self.persisted.level() {
+                m.token_persisted(level);
+            }
             m.write();
         }
         self.report_status(&next, now);
@@ -180,9 +185,16 @@ impl Agent {
     ) -> (Duration, bool) {
         let rejected = self.creds.sending();
         match self.creds.on_rejected() {
+            AfterRejection::RetryStoredSoon => {
+                warn!(
+                    "heartbeat failed: {failure}; the stored token was rejected, presenting it again in {} (a blip of the API's authentication is the likeliest cause)",
+                    secs(STORED_RETRY_PAUSE)
+                );
+                (STORED_RETRY_PAUSE, true)
+            }
             AfterRejection::RetryNow => {
                 warn!(
-                    "heartbeat failed: {failure}; the stored token was rejected, retrying once with the configured token (the stored token is kept)"
+                    "heartbeat failed: {failure}; the stored token was rejected twice, retrying once with the configured token (the stored token is kept)"
                 );
                 (self.next_wait(Verdict::Now, now), true)
             }
@@ -237,6 +249,15 @@ impl Agent {
                 f.message,
                 secs(next.wait)
             ),
+        };
+        let line = match &self.persisted {
+            Saved::Reserve { .. } => {
+                format!("state file cannot be saved (the token is in the reserve); {line}")
+            }
+            Saved::Nowhere { .. } => format!(
+                "ALARM: the token cannot be saved anywhere (a crash loses the node); {line}"
+            ),
+            Saved::StateFile | Saved::NotKept => line,
         };
         systemd::status(&line);
     }

@@ -18,11 +18,13 @@ impl Agent {
             }
         };
         if self.mode != Mode::DryRun {
-            if cfg.state.dir != self.store.dir() {
+            if let Some(dir) = self.sink.dir()
+                && cfg.state.dir != dir
+            {
                 warn!(
                     "reload: state.dir changed to {}; that takes a restart (systemctl restart exalsius-node-agent); still using {}",
                     cfg.state.dir.display(),
-                    self.store.dir().display()
+                    dir.display()
                 );
             }
             let mut creds = self.creds.clone();
@@ -30,11 +32,7 @@ impl Agent {
                 Ok(changed) => {
                     if let Some(why) = changed {
                         info!(node_id = %creds.state().node_id, "reload: {why}");
-                        resume::keep_if_replaced(
-                            &self.store,
-                            Some(self.creds.state()),
-                            creds.state(),
-                        );
+                        self.sink.keep_replaced(self.creds.state());
                     }
                     self.creds = creds;
                 }
@@ -105,6 +103,8 @@ impl Agent {
                 }
             }
         }
-        crate::metrics::adopt_off_runtime(self.store.dir(), cfg.metrics.textfile.as_deref());
+        if let Some(dir) = self.sink.dir() {
+            crate::metrics::adopt_off_runtime(dir, cfg.metrics.textfile.as_deref());
+        }
     }
 }

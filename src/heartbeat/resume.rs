@@ -1,6 +1,7 @@
-//! What the loop resumes from: the stored state at start-up and when credentials replace it —
-//! what is read, what is moved aside, what is kept beside it, and what stops the agent rather
-//! than lose a token (the rule is in ARCHITECTURE.md, "The rule for the stored token").
+//! What the loop resumes from at start-up: what is read (`state.json`, and the token reserve
+//! beside it when it is newer), what is moved aside, and what stops the agent rather than lose
+//! a token (the rule is in ARCHITECTURE.md, "The rule for the stored token"). A state that
+//! credentials replace is kept by the sink (`persist.rs`).
 
 use super::*;
 
@@ -9,23 +10,26 @@ use super::*;
 /// the agent starts fresh. A state file that cannot be read as it is (permission denied, an
 /// I/O error) may hold the only token the API still accepts: it is neither replaced nor moved,
 /// and `run` stops with exit 1 naming the file and the fix (systemd retries).
-pub(super) fn load(store: &StateStore) -> Result<Option<State>, RunError> {
-    match store.load() {
-        Ok((state, warnings)) => {
-            for w in warnings {
+///
+/// Returns the state to resume from (the token reserve's when it is newer) and what
+/// `state.json` itself holds.
+pub(super) fn load(store: &StateStore) -> Result<(Option<State>, Option<State>), RunError> {
+    match store.load_parts() {
+        Ok(loaded) => {
+            for w in loaded.warnings {
                 warn!("{w}");
             }
-            Ok(state)
+            Ok((loaded.state, loaded.on_disk))
         }
         Err(e @ crate::state::StateError::Corrupt { .. }) => {
             let aside = store.quarantine();
             error!("{e}; moved aside to {}; starting fresh", shown(aside));
-            Ok(None)
+            Ok((None, None))
         }
         Err(e @ crate::state::StateError::NotAFile { .. }) => {
             let aside = store.move_aside(crate::state::STATE_FILE, "notafile");
             error!("{e}; moved aside to {}; starting fresh", shown(aside));
-            Ok(None)
+            Ok((None, None))
         }
         Err(e) => Err(RunError::State(unreadable_state_message(store, &e))),
     }
@@ -49,35 +53,6 @@ fn unreadable_state_message(store: &StateStore, e: &crate::state::StateError) ->
     format!(
         "{e}: it may hold the node's only valid token, so it is kept as it is and the agent does not start; {fix}"
     )
-}
-
-/// The configured token (or another node) replaces the stored state: the stored one is kept
-/// beside it, bytes intact (`state.json.replaced-<time>`), before the first save overwrites
-/// it — it may be the only token its API still accepts.
-pub(super) fn keep_if_replaced(store: &StateStore, previous: Option<&State>, now: &State) {
-    let Some(previous) = previous else {
-        return;
-    };
-    if previous.access_token == now.access_token && previous.node_id == now.node_id {
-        return;
-    }
-    // Nanoseconds: two replacements within a second must not share a name (the second copy
-    // would take the place of the first).
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or_else(
-            |_| "0".to_string(),
-            |d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()),
-        );
-    match store.keep_copy(&format!("replaced-{stamp}")) {
-        Ok(Some(copy)) => info!(
-            "the previous state (node {}) is kept as {}",
-            previous.node_id,
-            copy.display()
-        ),
-        Ok(None) => {}
-        Err(e) => warn!("{e}; the previous state will be overwritten by the next save"),
-    }
 }
 
 fn shown(p: Option<std::path::PathBuf>) -> String {

@@ -87,7 +87,10 @@ impl Agent {
         {
             return;
         }
-        let marker = self.store.dir().join(DEVICE_RESTART_MARKER);
+        let Some(dir) = self.sink.dir() else {
+            return;
+        };
+        let marker = dir.join(DEVICE_RESTART_MARKER);
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|b| b.trim().to_string())
             .unwrap_or_default();

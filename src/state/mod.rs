@@ -10,8 +10,10 @@
 //! released by the kernel on any exit, SIGKILL included); `status` reads without it.
 
 mod lock;
+pub mod reserve;
 
 pub use lock::{LockError, StateLock};
+pub use reserve::{RESERVE_FILE, Reserve, ReserveEntry, ReserveError, read_replaced};
 
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
@@ -142,7 +144,7 @@ impl State {
 
 /// On-disk form: plain strings, RFC 3339 timestamps.
 #[derive(Serialize, Deserialize)]
-struct StateFile {
+pub(crate) struct StateFile {
     node_id: Uuid,
     api_url: String,
     access_token: String,
@@ -230,6 +232,19 @@ impl From<StateFile> for State {
     }
 }
 
+/// What a read of the state directory found.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The newest state: the reserve's when it is newer than `state.json`.
+    pub state: Option<State>,
+    /// What `state.json` itself holds.
+    pub on_disk: Option<State>,
+    /// The reserve's entry, when it is newer than `state.json`.
+    pub reserve_seq: Option<u64>,
+    /// What the caller should log.
+    pub warnings: Vec<String>,
+}
+
 /// Reads and writes `state.json` in one directory.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -256,16 +271,62 @@ impl StateStore {
     /// blocks on a FIFO in place of the file ([`StateError::NotAFile`]). A state file readable
     /// by group or others is tightened to 0600 on the open descriptor (the returned warnings
     /// say so).
+    ///
+    /// The token reserve ([`reserve`]) is read beside it: while it holds a state newer than
+    /// `state.json` (a save failed since), that state is the one returned — its token is the
+    /// one the agent presents next.
     pub fn load(&self) -> Result<(Option<State>, Vec<String>), StateError> {
+        self.load_parts().map(|l| (l.state, l.warnings))
+    }
+
+    /// [`StateStore::load`], with what `state.json` itself holds and whether the reserve was
+    /// newer.
+    pub fn load_parts(&self) -> Result<Loaded, StateError> {
         self.read(true)
     }
 
-    /// Reads the state and changes nothing, not even a mode that is too open (`doctor`).
+    /// Reads the state (the reserve's when it is newer) and changes nothing, not even a mode
+    /// that is too open (`status`, `doctor`).
     pub fn peek(&self) -> Result<Option<State>, StateError> {
-        self.read(false).map(|(s, _)| s)
+        self.read(false).map(|l| l.state)
     }
 
-    fn read(&self, tighten: bool) -> Result<(Option<State>, Vec<String>), StateError> {
+    /// [`StateStore::peek`], with the parts (`status`, `doctor`).
+    pub fn peek_parts(&self) -> Result<Loaded, StateError> {
+        self.read(false)
+    }
+
+    fn read(&self, tighten: bool) -> Result<Loaded, StateError> {
+        let (on_disk, mut warnings) = self.read_file(tighten)?;
+        let entry = match reserve::read(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                warnings.push(format!("{e}"));
+                None
+            }
+        };
+        let newer = entry.filter(|e| e.supersedes(on_disk.as_ref()));
+        let state = match &newer {
+            Some(e) => {
+                warnings.push(format!(
+                    "{} could not be saved since the last token was issued: the newest token is in {} (entry {}) and is the one used",
+                    self.path().display(),
+                    self.dir.join(RESERVE_FILE).display(),
+                    e.seq
+                ));
+                Some(e.state.clone())
+            }
+            None => on_disk.clone(),
+        };
+        Ok(Loaded {
+            state,
+            reserve_seq: newer.map(|e| e.seq),
+            on_disk,
+            warnings,
+        })
+    }
+
+    fn read_file(&self, tighten: bool) -> Result<(Option<State>, Vec<String>), StateError> {
         let path = self.path();
         let mut warnings = Vec::new();
         let io = |action, source| StateError::Io {

@@ -43,16 +43,18 @@ async fn sighup_changes_the_log_level_the_gpu_mode_and_the_api_url() {
     )
     .unwrap();
     agent.signal("HUP");
-    let seen = second.wait_requests(4, 10 * SECOND).await;
+    let seen = second.wait_requests(5, 10 * SECOND).await;
     agent.stop();
     // Same node, same configured token, another URL: the rotated token goes with it (a typo
-    // fixed or an alias is the same API). This stand-in is another API and refuses it; the
-    // configured token follows at once, and 8 GPUs.
+    // fixed or an alias is the same API). This stand-in is another API and refuses it twice
+    // (the second try after a short pause); the configured token follows, and 8 GPUs.
     let boot = format!("Bearer {BOOT}");
     assert_ne!(seen[0].auth.as_deref(), Some(boot.as_str()));
     assert_eq!(seen[0].status, 401, "{seen:?}");
-    assert_eq!(seen[1].auth.as_deref(), Some(boot.as_str()));
-    assert!(seen[1..].iter().all(|s| s.status == 200), "{seen:?}");
+    assert_eq!(seen[1].auth, seen[0].auth, "{seen:?}");
+    assert_eq!(seen[1].status, 401, "{seen:?}");
+    assert_eq!(seen[2].auth.as_deref(), Some(boot.as_str()));
+    assert!(seen[2..].iter().all(|s| s.status == 200), "{seen:?}");
     assert_eq!(
         gpu_count(seen.last().unwrap()),
         8,

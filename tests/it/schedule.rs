@@ -227,30 +227,134 @@ async fn no_wait_runs_past_half_the_token_lifetime_and_short_tokens_cannot_storm
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_rejected_stored_token_falls_back_to_the_configured_once_then_alternates_slowly() {
+async fn a_rejected_stored_token_is_retried_after_a_pause_then_the_configured_once_then_alternates_slowly()
+ {
     let script = vec![
         ok("t1", None),
         failed(FailureKind::Unauthorized, 401, None),
         failed(FailureKind::Unauthorized, 401, None),
         failed(FailureKind::Unauthorized, 401, None),
+        failed(FailureKind::Unauthorized, 401, None),
         ok("t2", None),
     ];
-    let sent = run(script, "", 800 * S, |a| a).await;
+    let sent = run(script, "", 900 * S, |a| a).await;
     let tokens: Vec<&str> = sent.iter().map(|s| s.token.as_str()).collect();
-    assert_eq!(&tokens[..6], ["boot", "t1", "boot", "t1", "boot", "t2"]);
+    // The configured token ("boot") was answered when t1 was issued: under reuse detection
+    // presenting it again revokes the family, so it comes only after t1 is refused twice.
+    assert_eq!(
+        &tokens[..7],
+        ["boot", "t1", "t1", "boot", "t1", "boot", "t2"]
+    );
     let g = gaps(&sent);
     assert_eq!(
         g[1],
+        heartbeat::STORED_RETRY_PAUSE,
+        "the stored token again after a pause"
+    );
+    assert_eq!(
+        g[2],
         Duration::ZERO,
         "one immediate try with the configured token"
     );
     assert_eq!(
-        g[2],
+        g[3],
         300 * S,
         "then the slow schedule (max_backoff, jitter 0)"
     );
-    assert_eq!(g[3], 300 * S);
-    assert_eq!(g[4], 60 * S, "accepted again: the normal cadence");
+    assert_eq!(g[4], 300 * S);
+    assert_eq!(g[5], 60 * S, "accepted again: the normal cadence");
+}
+
+/// A sender whose every answer comes `delay` after the request (`None`: never).
+struct Slow {
+    delay: Option<Duration>,
+    token: &'static str,
+}
+
+impl Sender for Slow {
+    fn send<'a>(&'a self, _url: &'a str, _token: &'a Secret, _body: Vec<u8>) -> SendFuture<'a> {
+        Box::pin(async move {
+            match self.delay {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
+            ok(self.token, None)
+        })
+    }
+}
+
+/// Runs `mode` against `sender`, stopped (SIGTERM) `stop_at` after the start; returns how it
+/// ended, how long after the stop, and the token in `state.json`.
+async fn stop_in_flight(
+    mode: Mode,
+    sender: Slow,
+    stop_at: Duration,
+) -> (Result<(), heartbeat::RunError>, Duration, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[api]\nurl = \"http://127.0.0.1:9/v1\"\nnode_id = \"{NODE}\"\naccess_token = \"boot\"\n\
+         [inventory]\ngpu = \"off\"\n[state]\ndir = \"{}\"\n",
+        dir.path().display()
+    );
+    let cfg = Config::from_toml(&text, Path::new("/t.toml"), &Overrides::default(), &|_| {
+        None
+    })
+    .unwrap();
+    let inventory = HostCollector::new(GpuMode::Off, None).collect();
+    let collector: Arc<dyn Collector> = Arc::new(FixedCollector(inventory.clone()));
+    let agent = heartbeat::prepare(cfg, mode, collector)
+        .unwrap()
+        .with_inventory(inventory)
+        .with_sender(Box::new(sender));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let start = Instant::now();
+    tokio::spawn(async move {
+        tokio::time::sleep(stop_at).await;
+        stop.cancel();
+    });
+    let result = agent
+        .run(Control {
+            shutdown,
+            reload: None,
+            reloader: None,
+            collectors: None,
+        })
+        .await;
+    let took = start.elapsed().saturating_sub(stop_at);
+    let state = std::fs::read_to_string(dir.path().join("state.json")).unwrap_or_default();
+    let token = serde_json::from_str::<serde_json::Value>(&state)
+        .map(|v| v["access_token"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    (result, took, token)
+}
+
+/// SIGTERM while a heartbeat is in flight: the server may have rotated the token already, so
+/// the stop reads the answer (within `STOP_DRAIN`, inside the promised second) and saves the
+/// issued token before it exits; an answer that does not come in time is given up.
+#[tokio::test(start_paused = true)]
+async fn a_stop_reads_the_answer_in_flight_and_saves_its_token() {
+    let ms = Duration::from_millis;
+    for mode in [Mode::Daemon, Mode::Once] {
+        let answered = Slow {
+            delay: Some(ms(500)),
+            token: "t-late",
+        };
+        let (result, took, token) = stop_in_flight(mode, answered, ms(100)).await;
+        assert!(result.is_ok(), "{mode:?}: {result:?}");
+        assert_eq!(token, "t-late", "{mode:?}: the issued token is saved");
+        assert_eq!(took, ms(400), "{mode:?}: as soon as the answer is read");
+
+        let silent = Slow {
+            delay: None,
+            token: "never",
+        };
+        let (result, took, token) = stop_in_flight(mode, silent, ms(100)).await;
+        assert_eq!(took, heartbeat::STOP_DRAIN, "{mode:?}: bounded");
+        assert!(took < S);
+        assert_eq!(token, "", "{mode:?}: nothing to save");
+        assert_eq!(result.is_ok(), mode == Mode::Daemon, "{mode:?}: {result:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -351,37 +455,47 @@ async fn once_tries_the_configured_token_when_the_stored_one_is_rejected() {
 
     let (sent, result) = once(vec![
         failed(FailureKind::Unauthorized, 401, None),
+        failed(FailureKind::Unauthorized, 401, None),
         ok("t2", None),
     ])
     .await;
     let tokens: Vec<&str> = sent.iter().map(|s| s.token.as_str()).collect();
     assert_eq!(
         tokens,
-        ["t1", "boot"],
-        "the configured token right after the 401"
+        ["t1", "t1", "boot"],
+        "the stored token again after a pause, then the configured token"
     );
     assert!(result.is_ok(), "{result:?}");
-    assert_eq!(gaps(&sent), [Duration::ZERO], "at once, as the daemon does");
+    assert_eq!(
+        gaps(&sent),
+        [heartbeat::STORED_RETRY_PAUSE, Duration::ZERO],
+        "as the daemon does"
+    );
 
-    // Both rejected: a failure naming the 401, after the fallback and not before; no third try.
+    // All rejected: a failure naming the 401, after the fallback and not before; no fourth try.
     let (sent, result) = once(vec![
+        failed(FailureKind::Unauthorized, 401, None),
         failed(FailureKind::Unauthorized, 401, None),
         failed(FailureKind::Unauthorized, 401, None),
     ])
     .await;
     let tokens: Vec<&str> = sent.iter().map(|s| s.token.as_str()).collect();
-    assert_eq!(tokens, ["t2", "boot"]);
+    assert_eq!(tokens, ["t2", "t2", "boot"]);
     assert!(result.unwrap_err().to_string().contains("HTTP 401"));
 
-    // Only the configured token to try (nothing stored for it yet): one 401 is final.
+    // Only the configured token to try (nothing stored for it yet): it again after the pause,
+    // then the 401 is final.
     let (sent, result) = run_mode(
         Mode::Once,
-        vec![failed(FailureKind::Unauthorized, 401, None)],
+        vec![
+            failed(FailureKind::Unauthorized, 401, None),
+            failed(FailureKind::Unauthorized, 401, None),
+        ],
         "",
         600 * S,
         |a| a,
     )
     .await;
-    assert_eq!(sent.len(), 1);
+    assert_eq!(sent.len(), 2);
     assert!(result.is_err());
 }

@@ -48,8 +48,41 @@ pub enum Scripted {
     Late(Duration),
 }
 
+/// What the stand-in does with a token once it has issued the next one (the API does not say;
+/// token servers disagree: issue 29).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Only the newest token lives.
+    RetireOnIssue,
+    /// Using a token retires every token issued before it (the default).
+    #[default]
+    RetireOnUse,
+    /// Each token lives `expires_in` seconds (set `ApiState::expires_in`); none is retired.
+    ExpiryOnly,
+    /// Each token answers once; presenting an answered token revokes every token of the node.
+    ReuseDetection,
+    /// The same, but the token answered last is answered again within the grace, with the
+    /// same next token (an idempotent replay).
+    ReuseGrace(Duration),
+}
+
 #[derive(Debug, Default)]
 pub struct ApiState {
+    /// The rotation policy.
+    pub policy: Policy,
+    /// When each token was issued (for [`Policy::ExpiryOnly`]).
+    pub issued_time: std::collections::HashMap<String, Instant>,
+    /// Answered tokens: when, and the token issued in answer.
+    pub answered: std::collections::HashMap<String, (Instant, String)>,
+    /// The token answered last (the one a grace covers).
+    pub last_answered: Option<String>,
+    /// Every token of the node was revoked (reuse detected).
+    pub revoked: bool,
+    /// The next 200 is sent this long after the server rotated (a stop or kill with the answer
+    /// in flight).
+    pub delay_next_answer: Option<Duration>,
+    /// The next issued token is framed by this white space (a trailing newline).
+    pub frame_next_token: Option<&'static str>,
     /// Tokens the API accepts right now.
     pub accepted: Vec<String>,
     /// Every token issued, in order.
@@ -191,7 +224,12 @@ impl Respond for Responder {
                     "Not Found",
                     &format!("The node with ID {node} was not found."),
                 )
-            } else if !st.accepted.iter().any(|t| t == token) {
+            } else if let Some(replay) = st.replay(token) {
+                seen.status = 200;
+                let body = serde_json::json!({"node_id": node, "next_access_token": replay,
+                    "next_access_token_type": "Bearer"});
+                ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
+            } else if !st.policy_accepts(token) {
                 seen.status = 401;
                 problem(401, "Unauthorized", "The token is invalid or expired.")
             } else if st.reject_bodies && !req.body.is_empty() {
@@ -216,14 +254,19 @@ impl Respond for Responder {
                         (None, _) => true,
                     });
                 st.issued_at = index;
+                st.after_rotation(token, &next);
                 let at = st.issued.len();
                 st.issued_at.insert(next.clone(), at);
                 st.issued.push(next.clone());
                 st.parents.push(token.to_string());
                 st.accepted.push(next.clone());
+                let framed = match st.frame_next_token.take() {
+                    Some(ws) => format!("{next}{ws}"),
+                    None => next.clone(),
+                };
                 let mut body = serde_json::json!({
                     "node_id": node,
-                    "next_access_token": next,
+                    "next_access_token": framed,
                     "next_access_token_type": "Bearer",
                 });
                 if let Some(e) = st.expires_in {
@@ -235,13 +278,79 @@ impl Respond for Responder {
                     }
                 }
                 seen.status = 200;
-                ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json")
+                let template =
+                    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/json");
+                match st.delay_next_answer.take() {
+                    Some(d) => template.set_delay(d),
+                    None => template,
+                }
             }
         };
         st.seen.push(seen);
         match late {
             Some(d) => template.set_delay(d),
             None => template,
+        }
+    }
+}
+
+impl ApiState {
+    /// Whether the policy accepts `token` now (reuse detection revokes on an answered one).
+    fn policy_accepts(&mut self, token: &str) -> bool {
+        if self.revoked {
+            return false;
+        }
+        match self.policy {
+            Policy::RetireOnIssue | Policy::RetireOnUse => self.accepted.iter().any(|t| t == token),
+            Policy::ExpiryOnly => {
+                let life = Duration::from_secs(self.expires_in.unwrap_or(3600).max(0) as u64);
+                self.accepted.iter().any(|t| t == token)
+                    && self
+                        .issued_time
+                        .get(token)
+                        .is_none_or(|at| at.elapsed() < life)
+            }
+            Policy::ReuseDetection | Policy::ReuseGrace(_) => {
+                if self.answered.contains_key(token) {
+                    self.revoked = true;
+                    self.accepted.clear();
+                    return false;
+                }
+                self.accepted.iter().any(|t| t == token)
+            }
+        }
+    }
+
+    /// Under a grace: the token answered last, presented again within the grace, gets the same
+    /// answer.
+    fn replay(&self, token: &str) -> Option<String> {
+        let Policy::ReuseGrace(grace) = self.policy else {
+            return None;
+        };
+        let (at, next) = self.answered.get(token)?;
+        (!self.revoked && self.last_answered.as_deref() == Some(token) && at.elapsed() <= grace)
+            .then(|| next.clone())
+    }
+
+    /// Bookkeeping after `used` was answered with `next`.
+    fn after_rotation(&mut self, used: &str, next: &str) {
+        self.issued_time.insert(next.to_string(), Instant::now());
+        self.answered
+            .insert(used.to_string(), (Instant::now(), next.to_string()));
+        self.last_answered = Some(used.to_string());
+        match self.policy {
+            Policy::RetireOnIssue => self.accepted.clear(),
+            Policy::ExpiryOnly => {
+                // Nothing retires: the retain above is undone by keeping every issued token.
+                let issued = self.issued.clone();
+                for t in issued.into_iter().chain([BOOT.to_string()]) {
+                    if !self.accepted.contains(&t) {
+                        self.accepted.push(t);
+                    }
+                }
+            }
+            Policy::ReuseDetection | Policy::ReuseGrace(_) => self.accepted.retain(|t| t != used),
+            Policy::RetireOnUse => {}
         }
     }
 }

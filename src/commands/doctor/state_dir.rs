@@ -78,7 +78,42 @@ pub fn state_checks(dir: &Path, user: &ServiceUser) -> Vec<Check> {
         ),
         Err(e) => unreadable("state file", &file, &e),
     });
+    if let Some(c) = reserve_check(dir, user) {
+        out.push(c);
+    }
     out
+}
+
+/// The token reserve (`state.reserve`): owned and closed like the state file, and an alarm
+/// while it holds a newer token than `state.json` (the state could not be saved since).
+fn reserve_check(dir: &Path, user: &ServiceUser) -> Option<Check> {
+    let path = dir.join(crate::state::RESERVE_FILE);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() {
+        return Some(Check::fail(
+            "token reserve",
+            format!(
+                "{} is not a regular file; the agent does not use it",
+                path.display()
+            ),
+            "remove it; the agent creates the reserve at its next start",
+        ));
+    }
+    let c = owned_and_closed("token reserve", &path, &meta, user, 0o600);
+    if c.status != Status::Ok {
+        return Some(c);
+    }
+    Some(match StateStore::new(dir).peek_parts() {
+        Ok(l) if l.reserve_seq.is_some() => Check::warn(
+            "token reserve",
+            format!(
+                "{} holds a newer token than state.json: state.json could not be saved since it was issued",
+                path.display()
+            ),
+            "free space on the state disk (the agent saves state.json again at its next heartbeat); do not delete state.reserve",
+        ),
+        _ => Check::ok("token reserve", c.finding),
+    })
 }
 
 fn owned_and_closed(
