@@ -84,19 +84,10 @@ fn hung_mount_or_rerun(test: &str) -> Option<HungMount> {
         eprintln!("skipped: needs root to mount a file system that never answers");
         return None;
     }
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            &format!("{}::{test}", module_path!().trim_start_matches("it::")),
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("unshare (util-linux)");
-    let text = text(&out);
+    let (out, text) = rerun_in_mount_namespace(
+        &format!("{}::{test}", module_path!().trim_start_matches("it::")),
+        CHILD_ENV,
+    );
     eprintln!("{text}");
     assert!(out.status.success(), "{test}:\n{text}");
     assert!(text.contains("1 passed"), "{text}");

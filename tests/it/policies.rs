@@ -150,19 +150,10 @@ fn a_full_state_disk_under_every_policy() {
             eprintln!("skipped: needs root for a tmpfs of its own");
             return;
         }
-        let out = std::process::Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--"])
-            .arg(std::env::current_exe().unwrap())
-            .args([
-                "policies::a_full_state_disk_under_every_policy",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, "1")
-            .output()
-            .unwrap();
-        let all = text(&out);
+        let (out, all) = crate::support::rerun_in_mount_namespace(
+            "policies::a_full_state_disk_under_every_policy",
+            CHILD_ENV,
+        );
         eprintln!("{all}");
         assert!(out.status.success() && all.contains("1 passed"), "{all}");
         return;

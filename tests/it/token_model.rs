@@ -990,24 +990,10 @@ fn with_real_faults(test: &str, body: fn(bool)) {
         body(false);
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--"])
-        .arg(exe)
-        // The test's name as libtest knows it in the one test crate: `token_model::<fn>`.
-        .args([
-            &format!("{}::{test}", module_path!().trim_start_matches("it::")),
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("unshare (util-linux)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    // The test's name as libtest knows it in the one test crate: `token_model::<fn>`.
+    let (out, text) = crate::support::rerun_in_mount_namespace(
+        &format!("{}::{test}", module_path!().trim_start_matches("it::")),
+        CHILD_ENV,
     );
     eprintln!("{text}");
     assert!(out.status.success(), "{test}:\n{text}");

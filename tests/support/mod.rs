@@ -894,3 +894,24 @@ pub fn fixture_host(name: &str) -> PathBuf {
         .join("tests/fixtures/hosts")
         .join(name)
 }
+
+/// Runs one test of this crate again, in a private mount namespace of its own (`unshare
+/// --mount --propagation private`), with `child_env` set so the test knows it is the child:
+/// for tests that mount (a tmpfs that fills up, a FUSE mount that never answers) without
+/// touching the host's mounts. `test` is the name libtest knows (`area::fn`). Returns the
+/// child's output, stdout then stderr.
+pub fn rerun_in_mount_namespace(test: &str, child_env: &str) -> (std::process::Output, String) {
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(child_env, "1")
+        .output()
+        .expect("unshare (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}

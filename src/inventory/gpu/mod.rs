@@ -492,12 +492,7 @@ impl GpuProbe {
             return;
         };
         warned.retain(|b| bus_ids.contains(b));
-        let known = self
-            .last_seen
-            .lock()
-            .ok()
-            .and_then(|l| l.clone())
-            .unwrap_or_default();
+        let known = self.last_seen();
         for (bus, driver) in gpus {
             let uuid = known
                 .iter()
@@ -547,16 +542,20 @@ impl GpuProbe {
         *last = on;
     }
 
+    /// The GPUs the last refresh saw (empty before the first, or if its lock was poisoned).
+    fn last_seen(&self) -> Vec<Gpu> {
+        self.last_seen
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .unwrap_or_default()
+    }
+
     /// A GPU NVML cannot name (it answered RESET_REQUIRED, GPU_IS_LOST, …) keeps the name,
     /// memory, UUID and bus id an earlier refresh knew for it (matched by UUID, bus id, else
     /// NVML index): the node's model stays the node's model.
     fn fill_unnamed(&self, gpus: &mut [Gpu]) {
-        let known = self
-            .last_seen
-            .lock()
-            .ok()
-            .and_then(|l| l.clone())
-            .unwrap_or_default();
+        let known = self.last_seen();
         for g in gpus.iter_mut() {
             // Only GPUs with a RESET_REQUIRED / GPU_IS_LOST answer (their name, UUID or bus id
             // may be missing): a healthy GPU's own answers always win.
