@@ -38,6 +38,30 @@ fn example_config_parses() {
     assert_eq!(cfg.inventory.gpu, GpuMode::Auto);
 }
 
+/// The packaged conffile (`/etc/exalsius/node-agent.toml`) is 0.1.0's file, byte for byte: dpkg
+/// asks "keep or replace?" at an upgrade on every host whose config was edited when the
+/// package's conffile changed, and an unattended `apt-get upgrade -y` stops at that question
+/// (the fleet test upgrades 0.1.0 → this one over an edited config). New keys are documented in
+/// `config.example.toml`, shipped beside the operator's guide. Changing this file is a
+/// decision to make every fleet answer that question once.
+#[test]
+fn packaged_conffile_is_the_previous_releases_and_parses() {
+    use sha2::Digest;
+    let text = include_str!("../../packaging/node-agent.toml");
+    assert_eq!(
+        hex::encode(sha2::Sha256::digest(text.as_bytes())),
+        "7ad78c34970c9b372f768357beed3450f6edb2fb209be922876c87c06f77e5b6",
+        "packaging/node-agent.toml changed: see this test's comment"
+    );
+    let packaged = load(text, &[("HOME", "/home/x")]).expect("the packaged conffile must be valid");
+    let example = load(include_str!("../../config.example.toml"), &[("HOME", "/home/x")]).unwrap();
+    assert_eq!(
+        format!("{:?}", packaged.to_redacted_toml()),
+        format!("{:?}", example.to_redacted_toml()),
+        "the packaged conffile and config.example.toml must give the same effective configuration"
+    );
+}
+
 #[test]
 fn defaults_when_empty() {
     let cfg = load("", &[("HOME", "/home/x")]).unwrap();
