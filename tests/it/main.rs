@@ -17,6 +17,7 @@ mod import_legacy;
 mod metrics;
 mod notify;
 mod outside_text;
+mod package_test;
 mod register;
 mod reliability;
 mod reload;
