@@ -83,11 +83,12 @@ if [ -e "$assets/amd64/exalsius-node-agent" ]; then
   cp "$assets/amd64/exalsius-node-agent" "$assets/exalsius-node-agent"
 fi
 
+. packaging/checks.sh
 (cd "$out" && find . -maxdepth 1 -type f \( -name '*.deb' -o -name '*.rpm' \) -printf '%P\n' | sort | xargs sha256sum > SHA256SUMS)
 printf '%-48s %-8s %10s %s\n' file arch bytes "highest GLIBC_"
 for f in $(cd "$out" && find . -maxdepth 1 -type f \( -name '*.deb' -o -name '*.rpm' \) -printf '%P\n' | sort); do
   case "$f" in *arm64.deb | *aarch64.rpm) a=arm64 ;; *) a=amd64 ;; esac
   [ -e "$assets/$a/exalsius-node-agent" ] || continue # built earlier, not by this run
-  g=$(readelf -W --dyn-syms "$assets/$a/exalsius-node-agent" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+  g=$(highest_glibc "$assets/$a/exalsius-node-agent")
   printf '%-48s %-8s %10s %s\n' "$f" "$a" "$(stat -c %s "$out/$f")" "$g"
 done

@@ -1,5 +1,6 @@
-# Static package checks shared by packaging/test-packages.sh (x86-64) and
-# packaging/test-arm64.sh; sourced, uses their ok/die and $WORK.
+# Static package checks shared by packaging/test-packages.sh (x86-64, phase 40-static) and
+# packaging/test-arm64.sh; sourced, uses their ok/die and $WORK. packaging/build.sh sources it
+# for highest_glibc.
 
 # lint_packages LABEL DEB RPM: lintian and rpmlint, with the accepted findings.
 lint_packages() {
@@ -13,10 +14,15 @@ lint_packages() {
   ok "rpmlint ($1): 0 errors (accepted findings listed in packaging/rpmlint.toml)"
 }
 
+# highest_glibc BINARY: the highest GLIBC_ symbol version it needs (packaging/build.sh prints it too).
+highest_glibc() {
+  readelf -W --dyn-syms "$1" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1
+}
+
 # glibc_ceiling LABEL BINARY: the highest GLIBC_ symbol version is at most 2.28.
 glibc_ceiling() {
   local max_glibc
-  max_glibc=$(readelf -W --dyn-syms "$2" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+  max_glibc=$(highest_glibc "$2")
   [ "$(printf '%s\n2.28\n' "$max_glibc" | sort -V | tail -1)" = "2.28" ] || die "$1 binary needs glibc $max_glibc > 2.28"
   ok "$1: highest GLIBC_ symbol version: $max_glibc (≤ 2.28)"
 }
@@ -43,8 +49,3 @@ assert {"exalsius-node-agent", "reqwest", "rustls", "tokio"} <= names, sorted(na
 PY
   ok "$1: cargo auditable data readable by rust-audit-info ($(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["packages"]))' "$WORK/audit-$1.json") crates, section .dep-v0 of $((16#$(readelf -W -S "$2" | sed -n 's/.*\.dep-v0 *PROGBITS *[0-9a-f]* [0-9a-f]* \([0-9a-f]*\).*/\1/p'))) bytes)"
 }
-
-# hot_text: the link-time hot-text ordering is gone (issue 30: the service's memory cgroup never
-# saw its gain; docs/benchmarks.md). Kept as a no-op until packaging/test-packages.sh drops its
-# call; then delete this.
-hot_text() { :; }

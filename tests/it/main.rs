@@ -19,6 +19,7 @@ mod metrics;
 mod notify;
 mod nvml_real;
 mod outside_text;
+mod package_test;
 mod policies;
 mod register;
 mod reliability;
