@@ -54,7 +54,11 @@ fn packaged_conffile_is_the_previous_releases_and_parses() {
         "packaging/node-agent.toml changed: see this test's comment"
     );
     let packaged = load(text, &[("HOME", "/home/x")]).expect("the packaged conffile must be valid");
-    let example = load(include_str!("../../config.example.toml"), &[("HOME", "/home/x")]).unwrap();
+    let example = load(
+        include_str!("../../config.example.toml"),
+        &[("HOME", "/home/x")],
+    )
+    .unwrap();
     assert_eq!(
         format!("{:?}", packaged.to_redacted_toml()),
         format!("{:?}", example.to_redacted_toml()),
