@@ -5,8 +5,9 @@
 # /proc/devices as a 550 driver lists it:
 #   - today's unit (DeviceAllow=char-nvidia*): past the device cgroup to the driver check —
 #     NVML says DRIVER_NOT_LOADED (ENXIO), nvidia-smi exits 9;
-#   - the previous unit's device lines (char-nvidia-frontend): the device cgroup refuses —
-#     NVML says NO_PERMISSION and the agent names the device policy, nvidia-smi exits 4;
+#   - the previous unit's device lines (char-nvidia-frontend): the device cgroup refuses (EPERM)
+#     — the real library says UNKNOWN (999), not NO_PERMISSION, and nvidia-smi exits 255; the
+#     agent opens the node itself, gets EPERM and names the device policy;
 #   - neither is killed by SystemCallFilter= (SIGSYS) or refused by MemoryDenyWriteExecute=.
 #
 #   packaging/proof-real-nvml.sh CPID
@@ -73,9 +74,9 @@ grep -qi "permission" <<<"$notes" && die "today's unit: the device cgroup refuse
 ok "today's unit: the real 550 library and nvidia-smi get past the device cgroup to the driver check (DRIVER_NOT_LOADED, exit 9)"
 
 boxed "the previous unit's device lines" "${old[@]}"
-grep -q "device policy refuses it" <<<"$notes" || die "previous unit: want NO_PERMISSION with the device-policy advice, got: $notes"
-[ "$smi_rc" = 4 ] || die "previous unit: nvidia-smi exit $smi_rc, want 4 (insufficient permissions)"
-ok "the previous unit's device lines: the real library is refused (NO_PERMISSION, the device-policy advice), nvidia-smi exits 4"
+grep -q "device policy refuses it" <<<"$notes" || die "previous unit: want the device-policy advice, got: $notes"
+[ "$smi_rc" = 255 ] || die "previous unit: nvidia-smi exit $smi_rc, want 255 (device control blocked)"
+ok "the previous unit's device lines: the real library is refused (UNKNOWN; the agent's own open gets EPERM and names the device policy), nvidia-smi exits 255"
 
 inside sh -c 'journalctl --no-pager -n 400 | grep -Ei "audit.*(seccomp|SECCOMP)|mprotect.*(EPERM|denied)"' \
   && die "the journal shows a seccomp kill or a refused mprotect"

@@ -70,7 +70,9 @@ const SITUATIONS: [Situation; 5] = [
     },
     Situation {
         name: "node-not-nvidias",
-        answer: r#"{"failed":"NVML init failed: an internal driver error occurred (NVML_ERROR_UNKNOWN): /dev/nvidiactl opens but the NVIDIA driver does not answer on it — check that it is the driver's node (character device 195:255) and that the loaded module matches the library (nvidia-smi shows the same error)"}"#,
+        // The child reports UNKNOWN; the collector opens the node (it opens: not a device
+        // policy) and names the driver check.
+        answer: r#"{"unknown":"NVML init failed: an internal driver error occurred (NVML_ERROR_UNKNOWN)"}"#,
         warning: &["opens but the NVIDIA driver does not answer on it"],
     },
     Situation {

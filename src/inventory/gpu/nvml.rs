@@ -68,6 +68,11 @@ pub enum Answer {
     NoLibrary(String),
     /// `NVML_ERROR_NO_PERMISSION` at init: the parent diagnoses it from the device nodes.
     NoPermission(String),
+    /// `NVML_ERROR_UNKNOWN` at init: what the real 470/535/550 libraries answer both when
+    /// `/dev/nvidiactl` is not the driver's node and when a device cgroup refuses it (EPERM,
+    /// the packaged unit's older device lines, packaging/proof-real-nvml.sh): the parent tells
+    /// the two apart by opening the node.
+    Unknown(String),
     /// Any other failure.
     Failed(String),
 }
@@ -83,15 +88,8 @@ pub fn answer(library: &OsStr) -> Answer {
         Err(e @ NvmlError::NoPermission) => {
             return Answer::NoPermission(format!("NVML init failed: {e}"));
         }
-        // Seen from the real 470/535/550 libraries when /dev/nvidiactl opens but is not the
-        // NVIDIA driver's (tests/it/nvml_real.rs): name what to look at.
         Err(e @ NvmlError::Unknown) => {
-            return Answer::Failed(format!(
-                "NVML init failed: {e} (NVML_ERROR_UNKNOWN): /dev/nvidiactl opens but the NVIDIA \
-                 driver does not answer on it — check that it is the driver's node (character \
-                 device 195:255) and that the loaded module matches the library (nvidia-smi \
-                 shows the same error)"
-            ));
+            return Answer::Unknown(format!("NVML init failed: {e} (NVML_ERROR_UNKNOWN)"));
         }
         Err(e) => return Answer::Failed(format!("NVML init failed: {e}")),
     };
@@ -108,6 +106,15 @@ pub fn outcome(answer: Answer, root: &Path) -> NvmlOutcome {
         Answer::Data(d) => NvmlOutcome::Data(d),
         Answer::NoLibrary(why) => NvmlOutcome::NoLibrary(why),
         Answer::Failed(why) => NvmlOutcome::Failed(why),
+        Answer::Unknown(why) => {
+            let node = control_node(root);
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&node)
+                .map(drop);
+            unknown_outcome(why, &opened, node_mode(&node))
+        }
         Answer::NoPermission(why) => {
             let node = std::fs::metadata(control_node(root)).ok().map(|m| {
                 use std::os::unix::fs::MetadataExt;
@@ -119,6 +126,36 @@ pub fn outcome(answer: Answer, root: &Path) -> NvmlOutcome {
                 _ => NvmlOutcome::Failed(message),
             }
         }
+    }
+}
+
+/// `/dev/nvidiactl`'s mode, owner and group (`None`: not there).
+fn node_mode(node: &Path) -> Option<(u32, u32, u32)> {
+    std::fs::metadata(node).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.mode(), m.uid(), m.gid())
+    })
+}
+
+/// NVML_ERROR_UNKNOWN at init, told apart by what opening the control node gave this process
+/// (the daemon runs under the same device policy as its probe): EPERM — a device cgroup
+/// refuses the node (the real libraries say UNKNOWN then, not NO_PERMISSION); otherwise the
+/// node opens (or is missing) but no NVIDIA driver answers on it.
+fn unknown_outcome(
+    why: String,
+    opened: &std::io::Result<()>,
+    node: Option<(u32, u32, u32)>,
+) -> NvmlOutcome {
+    match opened {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => NvmlOutcome::PolicyRefused(format!(
+            "{why}: opening {CONTROL_NODE} is not permitted (EPERM): {}",
+            no_permission_advice(node)
+        )),
+        _ => NvmlOutcome::Failed(format!(
+            "{why}: {CONTROL_NODE} opens but the NVIDIA driver does not answer on it — check \
+             that it is the driver's node (character device 195:255) and that the loaded module \
+             matches the library (nvidia-smi shows the same error)"
+        )),
     }
 }
 
@@ -317,6 +354,27 @@ mod tests {
             matches!(&o, NvmlOutcome::PolicyRefused(m) if m.contains("device policy")),
             "{o:?}"
         );
+    }
+
+    /// The real libraries answer UNKNOWN under a device cgroup that refuses the node (seen in
+    /// the booted proof, packaging/proof-real-nvml.sh): EPERM on opening it names the device
+    /// policy and the restart; a node that opens names the driver check.
+    #[test]
+    fn unknown_is_a_device_policy_when_opening_the_node_is_not_permitted() {
+        let eperm = Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        let o = unknown_outcome("NVML init failed".into(), &eperm, Some((0o20666, 0, 0)));
+        assert!(
+            matches!(&o, NvmlOutcome::PolicyRefused(m) if m.contains("device policy refuses it") && m.contains("systemctl restart")),
+            "{o:?}"
+        );
+        let o = unknown_outcome("NVML init failed".into(), &Ok(()), Some((0o20666, 0, 0)));
+        assert!(
+            matches!(&o, NvmlOutcome::Failed(m) if m.contains("does not answer on it")),
+            "{o:?}"
+        );
+        let enxio = Err(std::io::Error::from_raw_os_error(libc::ENXIO));
+        let o = unknown_outcome("NVML init failed".into(), &enxio, Some((0o20666, 0, 0)));
+        assert!(matches!(&o, NvmlOutcome::Failed(_)), "{o:?}");
     }
 
     #[test]
