@@ -142,19 +142,31 @@ impl Metrics {
         }
         w.busy_since = Some(Instant::now());
         drop(w);
-        let (writer, path) = (Arc::clone(&self.writer), self.path.clone());
-        let spawned = std::thread::Builder::new()
-            .name("metrics-writer".into())
-            .spawn(move || {
-                remove_written(&path);
-                lock(&writer).busy_since = None;
-            });
-        if let Err(e) = spawned {
+        if let Err(e) = self.spawn_writer(|writer, path| {
+            remove_written(path);
+            lock(writer).busy_since = None;
+        }) {
             tracing::warn!(
                 "metrics: cannot start the thread that removes {}: {e}",
                 self.path.display()
             );
         }
+    }
+
+    /// Starts the writing thread with `job` (the caller has set `busy_since`); if the thread
+    /// cannot start, no write is in flight after all.
+    fn spawn_writer(
+        &self,
+        job: impl FnOnce(&Mutex<Writer>, &Path) + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (writer, path) = (Arc::clone(&self.writer), self.path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("metrics-writer".into())
+            .spawn(move || job(&writer, &path));
+        if spawned.is_err() {
+            lock(&self.writer).busy_since = None;
+        }
+        spawned.map(drop)
     }
 
     /// A new heartbeat interval (SIGHUP).
@@ -375,12 +387,9 @@ impl Metrics {
         }
         w.busy_since = Some(Instant::now());
         drop(w);
-        let (writer, path) = (Arc::clone(&self.writer), self.path.clone());
-        let spawned = std::thread::Builder::new()
-            .name("metrics-writer".into())
-            .spawn(move || write_until_drained(&writer, &path, body));
-        if let Err(e) = spawned {
-            lock(&self.writer).busy_since = None;
+        if let Err(e) =
+            self.spawn_writer(move |writer, path| write_until_drained(writer, path, body))
+        {
             tracing::warn!(
                 "metrics: cannot start the writing thread: {e}; retried after the next attempt"
             );

@@ -802,6 +802,13 @@ fn nvml_fixture(name: &str) -> String {
     .unwrap()
 }
 
+/// A host without PCI GPUs whose NVML is the stub in `tests/fixtures/nvml/<name>.conf`.
+fn collect_nvml_fixture(name: &str) -> Inventory {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake_nvml(dir.path(), &nvml_fixture(name));
+    collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib))
+}
+
 fn states_of(inv: &Inventory) -> Vec<Vec<&'static str>> {
     inv.details
         .gpus
@@ -852,9 +859,7 @@ fn health_hgx_h100_pending_remap_counts_and_reset_required_does_not() {
 
 #[test]
 fn health_a100_failed_remap_is_not_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let lib = build_fake_nvml(dir.path(), &nvml_fixture("a100"));
-    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let inv = collect_nvml_fixture("a100");
     assert_eq!(inv.specs.hardware.gpu_count, 7);
     assert_eq!(inv.specs.hardware.gpu_type, "A100-SXM4-80GB");
     assert_eq!(states_of(&inv)[3], vec!["row_remap_failed"]);
@@ -867,9 +872,7 @@ fn health_a100_failed_remap_is_not_counted() {
 
 #[test]
 fn health_v100_retired_pages_pending_is_counted_with_an_action() {
-    let dir = tempfile::tempdir().unwrap();
-    let lib = build_fake_nvml(dir.path(), &nvml_fixture("v100"));
-    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let inv = collect_nvml_fixture("v100");
     assert_eq!(inv.specs.hardware.gpu_count, 8);
     assert_eq!(states_of(&inv)[1], vec!["retired_pages_pending"]);
     let notes = inv.details.gpu_notes.join("\n");
@@ -881,9 +884,7 @@ fn health_v100_retired_pages_pending_is_counted_with_an_action() {
 
 #[test]
 fn health_gb200_fabric_not_ready_counts_no_gpu_but_keeps_the_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let lib = build_fake_nvml(dir.path(), &nvml_fixture("gb200"));
-    let inv = collect(&fixture_host("vm-nogpu"), GpuMode::Nvml, Some(&lib));
+    let inv = collect_nvml_fixture("gb200");
     let h = &inv.specs.hardware;
     assert_eq!(h.gpu_count, 0);
     assert_eq!((h.gpu_type.as_str(), h.gpu_memory), ("GB200", 185));

@@ -948,12 +948,7 @@ fn explore(tmpfs: bool, policy: Policy) {
     let started = std::time::Instant::now();
     let result = runner.run(&proptest::collection::vec(event(), 1..40), |events| {
         steps.fetch_add(events.len(), std::sync::atomic::Ordering::Relaxed);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        let passed = rt
+        let passed = paused_runtime()
             .block_on(run_sequence(&events, tmpfs, policy))
             .map_err(TestCaseError::fail)?;
         if let Passed::Unsurvivable(cell) = passed {
@@ -1161,12 +1156,7 @@ fn situations(tmpfs: bool) {
     let mut report = Vec::new();
     for (name, events, lost_cells) in table {
         for policy in POLICIES {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()
-                .unwrap();
-            let passed = rt
+            let passed = paused_runtime()
                 .block_on(run_sequence(&events, tmpfs, policy))
                 .unwrap_or_else(|e| panic!("{name}: {events:?}: {e}"));
             let expected = lost_cells.contains(&policy);
@@ -1179,4 +1169,13 @@ fn situations(tmpfs: bool) {
         }
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// A current-thread runtime in paused time: each sequence runs the real loop without a clock.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
 }
